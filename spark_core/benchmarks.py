@@ -89,7 +89,12 @@ def load_preference_set(bcfg: BenchmarkConfig) -> list[PreferencePair]:
         raise ValueError(f"preference set {bcfg.name!r}: path is required")
     frame = _read_frame(bcfg.path, hf_config=bcfg.hf_config, split=bcfg.split)
     columns = [bcfg.question_column, bcfg.chosen_column, bcfg.rejected_column]
+    if bcfg.subset_column:
+        columns.append(bcfg.subset_column)
     _check_columns(frame, columns, bcfg)
+    if bcfg.subset_column and bcfg.subset_values:
+        # e.g. RewardBench2's Math subset: subset_column="subset", subset_values=["Math"]
+        frame = frame[frame[bcfg.subset_column].astype(str).isin(bcfg.subset_values)]
     if bcfg.limit:
         frame = frame.head(bcfg.limit)
     pairs = []

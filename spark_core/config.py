@@ -254,6 +254,8 @@ class BenchmarkConfig(_Strict):
     chosen_column: str = Field("chosen", description="Preferred response (preference sets).")
     rejected_column: str = Field("rejected", description="Rejected response (preference sets).")
     limit: int | None = Field(None, gt=0, description="Evaluate at most this many items.")
+    subset_column: str | None = Field(None, description="Keep only rows whose value in this column ...")
+    subset_values: list[str] = Field(default_factory=list, description="... is one of these (e.g. RewardBench2's `Math`).")
 
 
 class EvalConfig(_Strict):
@@ -270,6 +272,9 @@ class EvalConfig(_Strict):
     avg_k: int = Field(0, ge=0, description="If > 0, also report avg@k accuracy at `avg_temperature`.")
     avg_temperature: float = Field(0.6, ge=0, description="Temperature for avg@k.")
     pairwise: bool = Field(True, description="Pairwise judge accuracy on pairs of the model's own answers.")
+    pairwise_k: int = Field(
+        4, ge=0, description="Extra samples per question (at avg_temperature) drawn to find a correct/wrong pair."
+    )
 
 
 # -------------------------------------------------------------------------------------------- store

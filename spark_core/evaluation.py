@@ -186,7 +186,7 @@ def evaluate_benchmark(
     eval_cfg: EvalConfig,
     max_new_tokens: int,
     seed: int = 0,
-    pairwise_k: int = 4,
+    pairwise_k: int | None = None,
     verify_timeout_s: float | None = None,
     verify_processes: int | None = None,
 ) -> tuple[pa.Table, dict[str, Any]]:
@@ -195,10 +195,13 @@ def evaluate_benchmark(
     Steps: self-reflection (greedy a0, then judge/revise up to ``eval_cfg.max_rounds``; with
     ``eval_cfg.reflection`` off only a0 and one judgment of it); verification of every attempt;
     judge metrics on the model's verdict about its own a0; pairwise judge accuracy on pairs of its own
-    correct and wrong answers (taken from the reflection attempts, then from ``pairwise_k`` extra
+    correct and wrong answers (taken from the reflection attempts, then from ``pairwise_k`` (default
+    ``eval_cfg.pairwise_k``) extra
     samples per question at ``eval_cfg.avg_temperature`` where needed, or from the avg@k samples when
     ``eval_cfg.avg_k > 0``); avg@k when ``eval_cfg.avg_k > 0``.
     """
+    if pairwise_k is None:
+        pairwise_k = eval_cfg.pairwise_k
     texts = [q.question for q in questions]
     golds = [q.answer for q in questions]
     n = len(questions)

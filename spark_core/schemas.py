@@ -98,7 +98,7 @@ EVAL = pa.schema(
         ("final_prediction", pa.string()),  # answer after self-reflection
         ("final_correct", pa.bool_()),
         ("reflection_rounds", pa.int32()),
-        ("reflection_trace", pa.string()),  # JSON list of {round, answer, judgment, completion}
+        ("reflection_trace", pa.string()),  # JSON list of {round, completion, answer, judgment_completion, verdict}
     ]
 )
 

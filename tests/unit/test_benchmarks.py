@@ -113,3 +113,21 @@ def test_preference_set_empty_response_is_rejected(tmp_path: Path) -> None:
     bcfg = BenchmarkConfig(name="prefs", source="preference", path=path, question_column="prompt")
     with pytest.raises(ValueError, match=r"row 0 .*'chosen'"):
         load_preference_set(bcfg)
+
+
+def test_preference_set_subset_filter(tmp_path: Path) -> None:
+    # RewardBench2 mixes subsets; eval can keep only e.g. the Math subset.
+    rows = [
+        {"prompt": "P0", "chosen": "c0", "rejected": "r0", "subset": "Math"},
+        {"prompt": "P1", "chosen": "c1", "rejected": "r1", "subset": "Safety"},
+        {"prompt": "P2", "chosen": "c2", "rejected": "r2", "subset": "Math"},
+    ]
+    path = write_jsonl(tmp_path / "rb2.jsonl", rows)
+    bcfg = BenchmarkConfig(
+        name="rb2-math", source="preference", path=path, question_column="prompt",
+        subset_column="subset", subset_values=["Math"],
+    )
+    assert [p.prompt for p in load_preference_set(bcfg)] == ["P0", "P2"]
+    missing = bcfg.model_copy(update={"subset_column": "category"})
+    with pytest.raises(ValueError, match="category"):
+        load_preference_set(missing)

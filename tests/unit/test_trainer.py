@@ -1,0 +1,248 @@
+"""The GRPO trainer: LR schedule, step counting, TRAIN rows, exact resume, zero-variance groups."""
+
+from __future__ import annotations
+
+import copy
+import math
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from spark_core.config import TrainConfig, load_config
+from spark_core.grpo import group_advantages
+from spark_core.schemas import TRAIN
+from spark_core.trainer import Trainer, lr_factor, planned_optimizer_steps
+
+VOCAB = 40
+
+
+class CharTokenizer:
+    """Enough of a tokenizer for the trainer: one id per character, id 0 is padding."""
+
+    pad_token_id = 0
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> SimpleNamespace:
+        assert add_special_tokens is False  # prompts are already fully formatted
+        return SimpleNamespace(input_ids=[1 + ord(c) % (VOCAB - 1) for c in text])
+
+
+def tiny_model(seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
+    return Qwen2ForCausalLM(cfg)
+
+
+def rollouts(seed: int, questions: int = 3, k: int = 4, constant_reward: float | None = None) -> pd.DataFrame:
+    """Synthetic verified rollouts: K completions of different lengths per question."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for q in range(questions):
+        for j in range(k):
+            length = int(torch.randint(1, 6, (1,), generator=g))
+            reward = constant_reward if constant_reward is not None else float(torch.randint(0, 2, (1,), generator=g))
+            rows.append(
+                {
+                    "question_id": f"q{seed}-{q}",
+                    "prompt": f"what is {q}+{seed}?",
+                    "completion_ids": torch.randint(1, VOCAB, (length,), generator=g).tolist(),
+                    "reward": reward,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(lr=1e-2, warmup_ratio=0.0, kl_coef=0.0, micro_batch_size=16)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------ schedule
+
+
+def test_lr_factor_warmup_then_cosine_to_floor():
+    # 10 steps, 20% warm-up = 2 steps: 0.5, 1.0, then cosine from 1.0 to 0.1 at step 10
+    f = [lr_factor(s, 10, 0.2, 0.1) for s in range(13)]
+    assert f[0] == pytest.approx(0.5)
+    assert f[1] == pytest.approx(1.0)
+    assert f[2] == pytest.approx(1.0)
+    assert f[6] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+    assert f[10] == pytest.approx(0.1)
+    assert f[12] == pytest.approx(0.1)  # past the plan: stays at the floor
+    assert all(a >= b for a, b in zip(f[2:], f[3:]))
+    assert lr_factor(0, 10, 0.0, 0.1) == pytest.approx(1.0)  # no warm-up: starts at the peak
+    assert lr_factor(0, 100, 0.03, 0.1) == pytest.approx(1 / 3)  # ceil(3) warm-up steps
+
+
+def test_planned_steps_count_both_phases():
+    tiny = load_config(preset="tiny")  # 8 questions x 4 samples, reward 8 items x 4, 2 iterations
+    assert planned_optimizer_steps(tiny) == 2 * (1 + 1)
+    c = load_config(preset="tiny", overrides={"train": {"mini_batch_size": 10, "epochs": 2}})
+    assert planned_optimizer_steps(c) == 2 * (math.ceil(32 / 10) * 2 + math.ceil(32 / 10) * 2)
+    c = load_config(
+        preset="tiny",
+        overrides={"train": {"mini_batch_size": 10}, "reward_data": {"n": 2, "reward_batch_size": 5}},
+    )
+    assert planned_optimizer_steps(c) == 2 * (4 + 1)  # reward phase: 5 items x 2 samples = 10
+    c = load_config(preset="tiny", overrides={"reward_data": {"enabled": False}, "iterations": 5})
+    assert planned_optimizer_steps(c) == 5
+    c = load_config(preset="tiny", overrides={"train": {"total_steps": 77}})
+    assert planned_optimizer_steps(c) == 77
+
+
+def test_rows_schema_steps_and_lr_follow_schedule():
+    model = tiny_model()
+    t = cfg(mini_batch_size=5, warmup_ratio=0.25, min_lr_ratio=0.2)
+    trainer = Trainer(model, CharTokenizer(), t, "cpu", total_steps=8)
+    policy = rollouts(1)  # 12 sequences -> 3 mini-batches of 5, 5, 2
+    reward = rollouts(2, questions=2)  # 8 sequences -> 5, 3
+    rows = trainer.train_phase(policy, "policy") + trainer.train_phase(reward, "reward")
+    assert [list(r) for r in rows] == [TRAIN.names] * 5
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["phase"] for r in rows] == ["policy"] * 3 + ["reward"] * 2
+    assert [r["num_sequences"] for r in rows] == [5, 5, 2, 5, 3]
+    assert sum(r["num_tokens"] for r in rows[:3]) == sum(len(c) for c in policy["completion_ids"])
+    for r in rows:
+        assert r["lr"] == pytest.approx(1e-2 * lr_factor(r["step"] - 1, 8, 0.25, 0.2))
+        assert r["grad_norm"] > 0 and 0 <= r["clip_frac"] <= 1
+        assert r["kl"] == 0.0  # kl_coef 0: no reference model
+    assert rows[0]["lr"] == pytest.approx(0.5e-2)  # first of 2 warm-up steps
+    assert sum(r["mean_reward"] * r["num_sequences"] for r in rows[:3]) == pytest.approx(policy["reward"].sum())
+    assert trainer.global_step == 5
+    assert trainer.train_phase(policy.iloc[:0], "policy") == []
+    assert trainer.global_step == 5
+
+
+def test_first_step_ratio_is_one_and_loss_is_pg_only():
+    # Old log-probs are recomputed from the same weights, so the first step has ratio 1 everywhere:
+    # no clipping and pg_loss = -(token-weighted mean advantage).
+    model = tiny_model()
+    trainer = Trainer(model, CharTokenizer(), cfg(), "cpu", total_steps=4)
+    rows = rollouts(3)
+    out = trainer.train_phase(rows, "policy")
+    assert len(out) == 1 and out[0]["clip_frac"] == 0.0
+    adv = group_advantages(torch.tensor(rows["reward"].to_numpy()), rows["question_id"].tolist())
+    lengths = torch.tensor([len(c) for c in rows["completion_ids"]], dtype=adv.dtype)
+    assert out[0]["pg_loss"] == pytest.approx(float(-(adv * lengths).sum() / lengths.sum()), abs=1e-5)
+    assert out[0]["loss"] == pytest.approx(out[0]["pg_loss"])
+
+
+def test_micro_batching_and_checkpointing_do_not_change_the_update():
+    rows = rollouts(4)
+    results = []
+    for kw in ({"micro_batch_size": 12}, {"micro_batch_size": 5}, {"micro_batch_size": 3, "gradient_checkpointing": True}):
+        model = tiny_model()
+        trainer = Trainer(model, CharTokenizer(), cfg(**kw), "cpu", total_steps=4)
+        out = trainer.train_phase(rows, "policy")
+        results.append((out[0], weights(model)))
+    (row0, w0) = results[0]
+    for row, w in results[1:]:
+        assert row["grad_norm"] == pytest.approx(row0["grad_norm"], rel=1e-4)
+        assert row["loss"] == pytest.approx(row0["loss"], rel=1e-4, abs=1e-7)
+        for k in w0:
+            torch.testing.assert_close(w[k], w0[k], rtol=1e-4, atol=1e-6)
+
+
+def test_sampling_temperature_changes_the_scored_distribution():
+    rows = rollouts(6)
+    norms = []
+    for temperature in (1.0, 0.5):
+        trainer = Trainer(tiny_model(), CharTokenizer(), cfg(), "cpu", total_steps=4, temperature=temperature)
+        norms.append(trainer.train_phase(rows, "policy")[0]["grad_norm"])
+    assert norms[0] != pytest.approx(norms[1], rel=1e-3)
+
+
+def test_zero_reward_variance_gives_zero_pg_gradient_but_kl_is_computed():
+    rows = rollouts(5, constant_reward=1.0)  # every group agrees: advantages are all 0
+    model = tiny_model()
+    before = weights(model)
+    no_kl = Trainer(model, CharTokenizer(), cfg(), "cpu", total_steps=4)
+    out = no_kl.train_phase(rows, "policy")[0]
+    assert out["pg_loss"] == 0.0 and out["grad_norm"] == 0.0 and out["kl"] == 0.0
+    after = weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # AdamW with zero grads, no decay
+
+    ref = tiny_model(seed=9)  # a reference that differs, so the KL term has a gradient
+    with_kl = Trainer(model, CharTokenizer(), cfg(kl_coef=0.1), "cpu", total_steps=4, ref_model=ref)
+    out = with_kl.train_phase(rows, "policy")[0]
+    assert out["pg_loss"] == 0.0
+    assert out["kl"] > 0 and out["grad_norm"] > 0
+    assert out["loss"] == pytest.approx(0.1 * out["kl"])
+    assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+
+
+def test_kl_without_reference_is_refused_and_bad_rows_are_named():
+    with pytest.raises(ValueError, match="ref_model"):
+        Trainer(tiny_model(), CharTokenizer(), cfg(kl_coef=0.001), "cpu", total_steps=4)
+    trainer = Trainer(tiny_model(), CharTokenizer(), cfg(), "cpu", total_steps=4)
+    with pytest.raises(ValueError, match="reward"):
+        trainer.train_phase(rollouts(1).drop(columns=["reward"]), "policy")
+    with pytest.raises(ValueError, match="phase"):
+        trainer.train_phase(rollouts(1), "value")
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        Trainer(tiny_model(), CharTokenizer(), cfg(), "cpu", total_steps=4, temperature=0.0)
+    bad = rollouts(1)
+    bad.at[2, "completion_ids"] = [3, VOCAB + 5]
+    with pytest.raises(ValueError, match="row 2: completion_ids hold ids outside"):
+        trainer.train_phase(bad, "policy")
+
+
+# ------------------------------------------------------------------------------------- resume
+
+
+def test_save_and_load_state_resume_exactly(tmp_path):
+    t = cfg(mini_batch_size=5, epochs=2, warmup_ratio=0.3, kl_coef=0.05, lr=5e-3)
+    policy, reward, policy2 = rollouts(10), rollouts(11, questions=2), rollouts(12)
+    total = 16
+
+    # continuous: three phases in one trainer
+    model = tiny_model()
+    trainer = Trainer(model, CharTokenizer(), t, "cpu", total, ref_model=tiny_model())
+    cont = [trainer.train_phase(d, p) for d, p in ((policy, "policy"), (reward, "reward"), (policy2, "policy"))]
+
+    # interrupted after the first phase: weights + trainer state to disk, then a fresh process's view
+    model_a = tiny_model()
+    trainer_a = Trainer(model_a, CharTokenizer(), t, "cpu", total, ref_model=tiny_model())
+    first = trainer_a.train_phase(policy, "policy")
+    model_a.save_pretrained(tmp_path / "ckpt")
+    trainer_a.save_state(tmp_path / "ckpt")
+    del trainer_a, model_a
+
+    model_b = Qwen2ForCausalLM.from_pretrained(tmp_path / "ckpt")
+    trainer_b = Trainer(model_b, CharTokenizer(), t, "cpu", total, ref_model=tiny_model())
+    trainer_b.load_state(tmp_path / "ckpt")
+    assert trainer_b.global_step == len(first) == 6
+    resumed = [first, trainer_b.train_phase(reward, "reward"), trainer_b.train_phase(policy2, "policy")]
+
+    assert resumed == cont  # every TRAIN value identical, lr and step included
+    w_cont, w_res = weights(model), weights(model_b)
+    assert all(torch.equal(w_cont[k], w_res[k]) for k in w_cont)
+
+
+def test_resume_with_a_longer_plan_uses_the_new_schedule(tmp_path):
+    model = tiny_model()
+    trainer = Trainer(model, CharTokenizer(), cfg(), "cpu", total_steps=4)
+    trainer.train_phase(rollouts(1), "policy")
+    trainer.save_state(tmp_path)
+    longer = Trainer(copy.deepcopy(model), CharTokenizer(), cfg(), "cpu", total_steps=40)
+    longer.load_state(tmp_path)
+    row = longer.train_phase(rollouts(2), "policy")[0]
+    assert row["step"] == 2
+    assert row["lr"] == pytest.approx(1e-2 * lr_factor(1, 40, 0.0, 0.1))
+    with pytest.raises(FileNotFoundError, match="trainer_state.pt"):
+        longer.load_state(tmp_path / "missing")

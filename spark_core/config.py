@@ -73,7 +73,9 @@ class ModelConfig(_Strict):
     )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape of the tiny model.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype for training: `auto` = bfloat16 on GPU, float32 on CPU."
+        "auto",
+        description="Weights dtype: `auto` = float32 master weights (bf16 autocast on GPU), `bfloat16` = "
+        "pure bf16 weights (half the memory; tiny updates can vanish).",
     )
     cache_dir: str | None = Field(
         None,

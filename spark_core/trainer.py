@@ -210,9 +210,8 @@ class Trainer:
         return lr_factor(step, self.total_steps, self.cfg.warmup_ratio, self.cfg.min_lr_ratio)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """bf16 autocast on CUDA for a bf16 model; on CPU the model stays fp32 and nothing changes."""
-        dtype = next(self.model.parameters()).dtype
-        if self.device.type == "cuda" and dtype == torch.bfloat16:
+        """bf16 autocast on CUDA (fp32 or bf16 weights); on CPU everything stays fp32."""
+        if self.device.type == "cuda":
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

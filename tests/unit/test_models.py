@@ -167,7 +167,7 @@ def test_resolve_device_and_dtype() -> None:
         resolve_device("tpu")
     auto = ModelConfig()
     assert resolve_dtype(auto, torch.device("cpu")) == torch.float32
-    assert resolve_dtype(auto, torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype(auto, torch.device("cuda")) == torch.float32  # fp32 master weights, bf16 autocast
     assert resolve_dtype(ModelConfig(dtype="float16"), torch.device("cpu")) == torch.float16
 
 

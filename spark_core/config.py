@@ -313,6 +313,18 @@ class SparkConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _start_from_preset(cls, data: Any) -> Any:
+        """A mapping naming a `preset` is laid over that preset, wherever it comes from (YAML, the
+        CLI, or a Prefect parameter): `{"preset": "tiny"}` alone is the whole tiny preset."""
+        if isinstance(data, dict) and data.get("preset") is not None:
+            name = str(data["preset"])
+            if name not in PRESETS:
+                raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+            return _deep_merge(preset_dict(name), data)
+        return data
+
     # ---- derived facts (one place each)
     @property
     def reward_n(self) -> int:
@@ -367,9 +379,6 @@ def build_config(data: dict[str, Any], origin: str = "config") -> SparkConfig:
     """Validate a mapping (which may name a `preset` to start from) into a SparkConfig."""
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: expected a mapping at the top level")
-    preset = data.get("preset")
-    if preset is not None:
-        data = _deep_merge(preset_dict(str(preset)), data)
     try:
         return SparkConfig.model_validate(data)
     except ValidationError as err:
@@ -382,9 +391,9 @@ def load_config(
     overrides: dict[str, Any] | None = None,
 ) -> SparkConfig:
     """Load a preset and/or a YAML file, then apply overrides (a nested mapping)."""
-    data: dict[str, Any] = {}
-    if preset:
-        data = _deep_merge(preset_dict(preset), {"preset": preset})
+    # SparkConfig merges the named preset underneath (see _start_from_preset): a file's own `preset`
+    # key wins over the `preset` argument, and overrides win over both.
+    data: dict[str, Any] = {"preset": preset} if preset else {}
     origin = f"preset {preset}" if preset else "config"
     if path is not None:
         p = Path(path)
@@ -396,16 +405,11 @@ def load_config(
             raise ConfigError(f"{p}: not valid YAML: {err}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level")
-        if loaded.get("preset") and loaded["preset"] != preset:
-            data = _deep_merge(preset_dict(str(loaded["preset"])), data)
         data = _deep_merge(data, loaded)
         origin = str(p)
     if overrides:
         data = _deep_merge(data, overrides)
-    try:
-        return SparkConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_error(err, origin)) from None
+    return build_config(data, origin)
 
 
 def parse_override(expr: str) -> dict[str, Any]:

@@ -88,3 +88,13 @@ def test_derived_sizes_default_to_sampling() -> None:
 def test_parse_override_rejects_garbage() -> None:
     with pytest.raises(ConfigError):
         parse_override("no-equals-sign")
+
+
+def test_a_bare_preset_mapping_is_the_whole_preset() -> None:
+    # Prefect validates a flow's `config` parameter straight into SparkConfig: {"preset": "tiny"}
+    # must mean the tiny preset, not paper-size defaults labelled "tiny".
+    cfg = SparkConfig.model_validate({"preset": "tiny", "sampling": {"n": 3}})
+    assert cfg.model.source == "tiny" and cfg.sampling.questions_per_iteration == 8
+    assert cfg.sampling.n == 3
+    # a dumped config round-trips unchanged
+    assert SparkConfig.model_validate(cfg.model_dump(mode="json")) == cfg

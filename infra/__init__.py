@@ -1,0 +1,1 @@
+"""Infrastructure around the pipeline: the local stack (`infra.local`) and environment recipes."""

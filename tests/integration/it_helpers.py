@@ -1,0 +1,196 @@
+"""Helpers of the integration tests: trigger deployments over Prefect's REST API, wait for states, and
+read what a run left in the S3 store (with s3fs, from outside the pipeline's own code)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+
+from infra.local import Stack, StackError
+from infra.local.processes import http_json
+from spark_core.config import load_config
+
+TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+SUCCESS = "_SUCCESS.json"
+TMP_MARK = "_tmp-"
+# The Prefect server on SQLite answers 503 while its database is busy (2 shared cores, several flow
+# runs writing states): every request here is idempotent (creates carry an idempotency key), so retry.
+API_RETRIES = 6
+
+TIMINGS: dict[str, float] = {}
+
+# Prefect leases on global concurrency slots are at least 60 s; the server looks for expired ones
+# every 15 s by default. A short loop lets a crashed flow run's slot come back soon after expiry.
+SERVER_ENV = {"PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "2"}
+RUN_LEASE_TTL_S = 30
+
+
+def worker_env(stack: Stack) -> dict[str, str]:
+    """Environment of the worker and so of every flow run."""
+    return {
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "SPARK_CACHE_DIR": str(stack.state_dir / "cache" / "checkpoints"),
+        # A killed flow run's run lease must expire within a test's time (the default is 10 min).
+        "SPARK_RUN_LEASE_TTL_S": str(RUN_LEASE_TTL_S),
+    }
+
+
+def started(what: str, start: Callable[[], float]) -> float:
+    """Start a component; a failure fails the test with the component's log tail (no silent skip)."""
+    try:
+        seconds = start()
+    except StackError as err:
+        pytest.fail(f"{what} could not start: {err}", pytrace=False)
+    if seconds:  # 0.0 means it was already running
+        TIMINGS[f"start {what}"] = seconds
+    return seconds
+
+
+def ensure_worker(stack: Stack) -> None:
+    started("Prefect worker", lambda: stack.start_worker(extra_env=worker_env(stack)))
+
+
+@dataclass(frozen=True)
+class ReferenceRun:
+    run_id: str
+    store_uri: str
+    root: str  # s3fs path of runs/{run_id}
+    config: dict
+    flow_run: dict
+    seconds: float
+
+
+def tiny_config(store_uri: str, cache_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """The `tiny` preset as a complete JSON config (what the deployment's form submits)."""
+    cfg = load_config(preset="tiny", overrides={"model": {"cache_dir": str(cache_dir)}, **overrides})
+    data = cfg.model_dump(mode="json")
+    data["store"]["uri"] = store_uri
+    return data
+
+
+def s3_filesystem(stack: Stack) -> s3fs.S3FileSystem:
+    env = stack.env()
+    return s3fs.S3FileSystem(
+        key=env["AWS_ACCESS_KEY_ID"],
+        secret=env["AWS_SECRET_ACCESS_KEY"],
+        client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"], "region_name": env["AWS_DEFAULT_REGION"]},
+        # Other processes write the bucket: never answer from a cached listing.
+        use_listings_cache=False,
+        skip_instance_cache=True,
+    )
+
+
+def create_flow_run(
+    api: str, deployment_id: str, parameters: dict[str, Any], idempotency_key: str | None = None,
+    tags: list[str] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """POST /deployments/{id}/create_flow_run; returns (HTTP status, flow run)."""
+    body: dict[str, Any] = {"parameters": parameters, "idempotency_key": idempotency_key or uuid.uuid4().hex}
+    if tags:
+        body["tags"] = tags
+    url = f"{api}/deployments/{deployment_id}/create_flow_run"
+    status, run = http_json("POST", url, body, timeout=30, retries=API_RETRIES)
+    assert status in (200, 201), f"create_flow_run answered {status}: {run}"
+    return status, run
+
+
+def flow_run(api: str, flow_run_id: str) -> dict[str, Any]:
+    status, run = http_json("GET", f"{api}/flow_runs/{flow_run_id}", timeout=15, retries=API_RETRIES)
+    assert status == 200, f"GET flow run {flow_run_id}: {status} {run}"
+    return run
+
+
+def wait_flow_run(api: str, flow_run_id: str, stack: Stack, timeout_s: float = 300) -> dict[str, Any]:
+    """Wait for a terminal state; fail with the state message and the worker log tail unless Completed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        run = flow_run(api, flow_run_id)
+        if run["state_type"] in TERMINAL:
+            break
+        if time.monotonic() > deadline:
+            raise AssertionError(f"flow run {flow_run_id} still {run['state_type']} after {timeout_s} s\n"
+                                 f"{worker_log_tail(stack)}")
+        time.sleep(1)
+    message = run["state"].get("message")
+    assert run["state_type"] == "COMPLETED", (
+        f"flow run {flow_run_id} ended {run['state_type']}: {message}\n{worker_log_tail(stack)}"
+    )
+    return run
+
+
+def task_runs(api: str, flow_run_id: str) -> list[dict[str, Any]]:
+    body = {"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 200}
+    status, runs = http_json("POST", f"{api}/task_runs/filter", body, timeout=15, retries=API_RETRIES)
+    assert status == 200, f"task_runs/filter: {status} {runs}"
+    return runs
+
+
+def wait_task_state(
+    api: str, flow_run_id: str, task_name: str, state_type: str, stack: Stack, timeout_s: float = 240,
+    poll_s: float = 0.2,
+) -> dict[str, Any]:
+    """Wait until the flow run's task run named `task_name` is in `state_type` (e.g. RUNNING)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for tr in task_runs(api, flow_run_id):
+            if tr["name"] == task_name:
+                if tr["state_type"] == state_type:
+                    return tr
+                if tr["state_type"] in TERMINAL:
+                    raise AssertionError(f"task {task_name} already {tr['state_type']} (wanted {state_type})")
+        run = flow_run(api, flow_run_id)
+        if run["state_type"] in TERMINAL:
+            raise AssertionError(f"flow run ended {run['state_type']} before {task_name} was {state_type}\n"
+                                 f"{worker_log_tail(stack)}")
+        time.sleep(poll_s)
+    raise AssertionError(f"task {task_name} not {state_type} after {timeout_s} s\n{worker_log_tail(stack)}")
+
+
+def set_crashed(api: str, flow_run_id: str, message: str) -> None:
+    """Mark a flow run whose process was killed as Crashed (what zombie detection would do)."""
+    body = {"state": {"type": "CRASHED", "name": "Crashed", "message": message}, "force": True}
+    url = f"{api}/flow_runs/{flow_run_id}/set_state"
+    status, answer = http_json("POST", url, body, timeout=15, retries=API_RETRIES)
+    assert status in (200, 201), f"set_state: {status} {answer}"
+
+
+def worker_log_tail(stack: Stack, lines: int = 60) -> str:
+    log = stack.state_dir / "worker.log"
+    text = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else ["(no worker log)"]
+    return "--- worker log tail ---\n" + "\n".join(text)
+
+
+def run_root(store_uri: str, run_id: str) -> str:
+    """`bucket/prefix/runs/{run_id}` (s3fs paths have no scheme)."""
+    return f"{store_uri.removeprefix('s3://').rstrip('/')}/runs/{run_id}"
+
+
+def manifests(fs: s3fs.S3FileSystem, root: str) -> dict[str, bytes]:
+    """Every `_SUCCESS.json` under a run, keyed by stage path relative to the run (`iter=0001/samples`)."""
+    out = {}
+    for key in fs.find(root):
+        if key.endswith("/" + SUCCESS) and TMP_MARK not in key:
+            out[key[len(root) + 1 : -len(SUCCESS) - 1]] = fs.cat_file(key)
+    return out
+
+
+def read_stage(fs: s3fs.S3FileSystem, root: str, stage: str) -> tuple[dict[str, Any], Any]:
+    """(manifest, pyarrow table) of a table stage, reading exactly the parts its manifest lists."""
+    manifest = json.loads(fs.cat_file(f"{root}/{stage}/{SUCCESS}"))
+    tables = [pq.read_table(f"{root}/{stage}/{name}", filesystem=fs) for name in manifest["files"]]
+    return manifest, pa.concat_tables(tables) if tables else None
+
+
+def stray_tmp_keys(fs: s3fs.S3FileSystem, root: str) -> list[str]:
+    return [key for key in fs.find(root) if TMP_MARK in key]

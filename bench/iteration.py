@@ -1,0 +1,488 @@
+"""Orchestration and storage overhead of one SPARK iteration: the Prefect flow vs its stages called directly.
+
+Modes, each in a fresh process with a fresh store and the same config and seed:
+
+* ``direct``: the stage functions of ``spark_core.stages`` called in order in one process (no Prefect);
+* ``flow``: ``flows.iteration.spark_iteration`` on Prefect's ephemeral API (no server to start by hand);
+* ``direct-s3`` / ``flow-s3``: the same against a SeaweedFS S3 server started through
+  ``infra/local/stack.py`` (skipped when the stack or the ``weed`` binary is missing; ``--no-s3``).
+
+Iteration 0 (initial checkpoint and baseline evaluation) is created first, the same way in every mode,
+and is not timed; iterations 1..N are. Every interesting function is wrapped with a timer that records
+inclusive and exclusive (minus nested timed calls) wall time: the compute (generate, verify, reward
+items, GRPO, evaluation), the store (Parquet reads/writes, manifests, checkpoint save/fetch, opening a
+store), model loads, and Prefect (flow and task calls, the run guard, publishing artifacts). So the
+overhead is not only measured but attributed.
+
+    python bench/iteration.py            # tiny (3 iterations, 4 modes) + smollm2-arith (1 iteration, flow)
+    python bench/iteration.py --quick    # tiny only, 1 iteration, local store
+    python bench/iteration.py --models smollm2-arith --modes direct,flow   # side by side (~15 min)
+Targets: flow overhead (flow wall - compute) <= 3 s per iteration on tiny, <= 3% on smollm2-arith.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+SCRIPT = Path(__file__).resolve()
+PROCESS_T0 = time.time()
+
+# Exclusive-time categories for the breakdown table (component name -> category).
+CATEGORY = {
+    "generate": "compute", "verify_batch": "compute", "build_reward_items": "compute",
+    "train_phase": "compute", "evaluate_benchmark": "compute", "evaluate_preference": "compute",
+    "model load": "model load",
+    "write_table": "store: Parquet", "read_table": "store: Parquet",
+    "checkpoint save": "store: checkpoint", "download_checkpoint": "store: checkpoint",
+    "manifest/exists": "store: metadata", "Store()": "store: metadata", "write_bytes": "store: metadata",
+    "flow": "prefect", "run_guard": "prefect", "publish": "prefect",
+}
+
+
+def category(name: str) -> str:
+    """Column of the breakdown table for a timed component."""
+    if name.startswith("stage:"):
+        return "in-stage other"  # a stage's own code outside every timed call inside it
+    if name.startswith("task:"):
+        return "prefect"  # a task call minus the stage it runs: Prefect's task engine
+    return CATEGORY.get(name, "other")
+
+
+# ------------------------------------------------------------------------------------- timers
+
+
+class Timers:
+    """Inclusive and exclusive wall time per component, with nesting tracked per thread."""
+
+    def __init__(self) -> None:
+        self.inclusive: dict[str, float] = defaultdict(float)
+        self.exclusive: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self._local = threading.local()
+        # Threads whose calls make up the iteration: the main thread, plus any thread Prefect runs a
+        # task in (a thread that runs a stage joins the set). Others (the store lease heartbeat) overlap
+        # the main work.
+        self.threads = {threading.main_thread().ident}
+        # Python's cyclic GC pauses, measured apart: they land inside whichever span allocates.
+        self.gc_s: dict[int, float] = defaultdict(float)
+        self.gc_n: dict[int, int] = defaultdict(int)
+        self._gc_start = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _stack(self) -> list[list[float]]:
+        if not hasattr(self._local, "stack"):
+            self._local.stack = []
+        return self._local.stack
+
+    @contextlib.contextmanager
+    def span(self, name: str) -> Iterator[None]:
+        if name.startswith(("stage:", "task:")) or name in ("flow", "publish"):
+            self.threads.add(threading.get_ident())
+        stack = self._stack()
+        frame = [0.0]  # time spent in nested spans
+        stack.append(frame)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            stack.pop()
+            if stack:
+                stack[-1][0] += elapsed
+            # Background threads (the store lease heartbeat) overlap the main work: count them apart.
+            key = name if threading.get_ident() in self.threads else f"{name} (background)"
+            self.inclusive[key] += elapsed
+            self.exclusive[key] += elapsed - frame[0]
+            self.counts[key] += 1
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            with self.span(name):
+                return fn(*args, **kwargs)
+
+        timed.__wrapped__ = fn  # type: ignore[attr-defined]
+        return timed
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            self.gc_s[info["generation"]] += time.perf_counter() - self._gc_start
+            self.gc_n[info["generation"]] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"inclusive": dict(self.inclusive), "exclusive": dict(self.exclusive), "counts": dict(self.counts),
+                "gc_s": {str(k): v for k, v in self.gc_s.items()}, "gc_n": {str(k): v for k, v in self.gc_n.items()}}
+
+    def reset(self) -> None:
+        for d in (self.inclusive, self.exclusive, self.counts, self.gc_s, self.gc_n):
+            d.clear()
+
+
+STAGES = ("init_run", "sample_policy", "verify_policy", "build_reward_data", "train_policy", "sample_reward",
+          "verify_reward", "train_reward", "evaluate", "finish_iteration")
+
+
+def instrument(timers: Timers, flow_mode: bool) -> None:
+    """Wrap the functions whose time we attribute (class attributes, so every instance is covered)."""
+    from spark_core import evaluation, models, reward_data, stages, verify
+    from spark_core.engines.hf import HFEngine
+    from spark_core.store import Store
+    from spark_core.trainer import Trainer
+
+    for name in STAGES:
+        setattr(stages, name, timers.wrap(f"stage:{name}", getattr(stages, name)))
+    # Stages import these lazily (`from .x import f` inside the function), so module attributes work.
+    models.load_model_and_tokenizer = timers.wrap("model load", models.load_model_and_tokenizer)
+    verify.verify_batch = timers.wrap("verify_batch", verify.verify_batch)
+    reward_data.build_reward_items = timers.wrap("build_reward_items", reward_data.build_reward_items)
+    evaluation.evaluate_benchmark = timers.wrap("evaluate_benchmark", evaluation.evaluate_benchmark)
+    evaluation.evaluate_preference = timers.wrap("evaluate_preference", evaluation.evaluate_preference)
+    HFEngine.generate = timers.wrap("generate", HFEngine.generate)  # type: ignore[method-assign]
+    Trainer.train_phase = timers.wrap("train_phase", Trainer.train_phase)  # type: ignore[method-assign]
+    stages._save_live_checkpoint = timers.wrap("checkpoint save", stages._save_live_checkpoint)
+    Store.__init__ = timers.wrap("Store()", Store.__init__)  # type: ignore[method-assign]
+    Store.write_table = timers.wrap("write_table", Store.write_table)  # type: ignore[method-assign]
+    Store.read_table = timers.wrap("read_table", Store.read_table)  # type: ignore[method-assign]
+    Store.download_checkpoint = timers.wrap(  # type: ignore[method-assign]
+        "download_checkpoint", Store.download_checkpoint)
+    Store._read_json = timers.wrap("manifest/exists", Store._read_json)  # type: ignore[method-assign]
+    Store._exists = timers.wrap("manifest/exists", Store._exists)  # type: ignore[method-assign]
+    Store.write_bytes = timers.wrap("write_bytes", Store.write_bytes)  # type: ignore[method-assign]
+    if flow_mode:
+        import flows.iteration as fi
+
+        for attr in dir(fi):
+            if attr.endswith("_task") and attr != "publish_task":
+                setattr(fi, attr, timers.wrap(f"task:{attr[:-5]}", getattr(fi, attr)))
+        fi.publish_task = timers.wrap("publish", fi.publish_task)
+        guard = fi.run_guard
+
+        @contextlib.contextmanager
+        def timed_guard(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            # Only acquiring and releasing count; the body (the iteration) is timed elsewhere.
+            cm = guard(*args, **kwargs)
+            with timers.span("run_guard"):
+                value = cm.__enter__()
+            try:
+                yield value
+            except BaseException:
+                with timers.span("run_guard"):
+                    if not cm.__exit__(*sys.exc_info()):
+                        raise
+            else:
+                with timers.span("run_guard"):
+                    cm.__exit__(None, None, None)
+
+        fi.run_guard = timed_guard
+
+
+# ------------------------------------------------------------------------------------- worker
+
+
+def bench_config(preset: str, iterations: int, store_uri: str) -> Any:
+    from spark_core.config import load_config
+
+    overrides: dict[str, Any] = {"device": "cpu", "iterations": iterations, "store": {"uri": store_uri}}
+    if preset == "smollm2-arith":
+        # Keep the evaluation short (it is ordinary compute here, same in every mode).
+        overrides["eval"] = {"benchmarks": [{"name": "arithmetic", "source": "arithmetic", "limit": 4}]}
+    return load_config(preset=preset, overrides=overrides)
+
+
+def run_stages_directly(cfg: Any, store: Any, run_id: str, i: int) -> None:
+    """One iteration exactly as flows.iteration.run_iteration orders it, minus Prefect and publishing."""
+    from spark_core import stages as S
+
+    S.sample_policy(cfg, store, run_id, i)
+    S.verify_policy(cfg, store, run_id, i)
+    if cfg.reward_data.enabled:
+        S.build_reward_data(cfg, store, run_id, i)
+    trained = S.train_policy(cfg, store, run_id, i)
+    if trained["reward_phase"]:
+        S.sample_reward(cfg, store, run_id, i)
+        S.verify_reward(cfg, store, run_id, i)
+        S.train_reward(cfg, store, run_id, i)
+    if S.eval_due(cfg, i):
+        for b in cfg.eval.benchmarks:
+            S.evaluate(cfg, store, run_id, i, b.name)
+    S.finish_iteration(cfg, store, run_id, i)
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    started = time.time()
+    mode, preset = spec["mode"], spec["preset"]
+    tmp = spec["tmp_dir"]
+    os.environ["SPARK_CACHE_DIR"] = str(Path(tmp) / "ckpt-cache")
+    flow_mode = mode.startswith("flow")
+    if flow_mode:
+        # Prefect's ephemeral API with its own fresh database; never a server someone else runs.
+        os.environ.pop("PREFECT_API_URL", None)
+        os.environ["PREFECT_HOME"] = str(Path(tmp) / "prefect")
+        os.environ["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "true"
+        # A fresh database migrates on first start; on a loaded 2-core machine that exceeds the 20 s default.
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "240")
+    common.quiet_libraries()
+    common.set_threads()
+    out: dict[str, Any] = {"mode": mode, "preset": preset}
+
+    t = time.perf_counter()
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    from spark_core import stages as S
+    from spark_core.store import Store
+
+    if flow_mode:
+        import flows.iteration  # noqa: F401  (imports prefect)
+    out["imports_s"] = time.perf_counter() - t
+    out["process_start_s"] = started - spec["spawned_at"]  # interpreter start until our code runs
+
+    timers = Timers()
+    instrument(timers, flow_mode)
+    store_uri = spec.get("store_uri") or str(Path(tmp) / "store")
+    cfg = bench_config(preset, spec["iterations"], store_uri)
+    store = Store(store_uri)
+    run_id = f"bench-{mode}"
+
+    # Iteration 0, the same in every mode: run.json, initial checkpoint, baseline evaluation.
+    t = time.perf_counter()
+    S.init_run(cfg, store, run_id)
+    if S.eval_due(cfg, 0):
+        for b in cfg.eval.benchmarks:
+            S.evaluate(cfg, store, run_id, 0, b.name)
+    S.finish_iteration(cfg, store, run_id, 0)
+    out["iteration0_s"] = time.perf_counter() - t
+    out["iteration0_timers"] = timers.snapshot()
+
+    if flow_mode:
+        from prefect import flow
+
+        from flows.iteration import spark_iteration
+
+        @flow(name="bench-ping")
+        def ping() -> int:
+            return 1
+
+        t = time.perf_counter()
+        ping()  # the first flow of a process starts the ephemeral API server
+        out["prefect_first_flow_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        ping()
+        out["prefect_empty_flow_s"] = time.perf_counter() - t
+
+    iterations = []
+    profiler = None
+    if spec.get("profile"):
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    for i in range(1, spec["iterations"] + 1):
+        timers.reset()
+        t = time.perf_counter()
+        if flow_mode:
+            with timers.span("flow"):
+                spark_iteration(run_id=run_id, config=cfg, store=store_uri)
+        else:
+            run_stages_directly(cfg, store, run_id, i)
+        wall = time.perf_counter() - t
+        assert store.latest(run_id) == i, f"iteration {i} did not complete (LATEST={store.latest(run_id)})"
+        iterations.append({"iteration": i, "wall_s": wall, **timers.snapshot()})
+        print(f"[iteration] {preset} {mode} iteration {i}: {wall:.2f} s", file=sys.stderr)
+    out["iterations"] = iterations
+    if profiler is not None:
+        import io
+        import pstats
+
+        profiler.disable()
+        buf = io.StringIO()
+        stats = pstats.Stats(profiler, stream=buf)
+        stats.sort_stats("cumulative").print_stats(r"prefect|flows|tasks|s3fs|aiobotocore|fsspec", 40)
+        stats.sort_stats("tottime").print_stats(20)
+        out["profile"] = buf.getvalue()
+    with contextlib.suppress(Exception):
+        from spark_core.verify import shutdown_pool
+
+        shutdown_pool()
+    return out
+
+
+# --------------------------------------------------------------------------------------- S3
+
+
+@contextlib.contextmanager
+def s3_stack() -> Iterator[dict[str, str] | None]:
+    """A SeaweedFS S3 server on free loopback ports for the duration; None when it cannot start."""
+    try:
+        sys.path.insert(0, str(common.REPO))
+        from infra.local.stack import Stack, StackSettings, free_port
+    except ImportError as err:
+        print(f"[iteration] no S3 stack ({err}); S3 modes skipped", file=sys.stderr)
+        yield None
+        return
+    state = tempfile.mkdtemp(prefix="spark-bench-s3-")
+    stack = Stack(state, StackSettings(s3_port=free_port(), prefect_port=free_port(), bucket="bench"))
+    try:
+        seconds = stack.start_s3()
+    except Exception as err:  # noqa: BLE001 - no binary, no ports: report and go on without S3
+        print(f"[iteration] S3 server did not start ({err}); S3 modes skipped", file=sys.stderr)
+        shutil.rmtree(state, ignore_errors=True)
+        yield None
+        return
+    try:
+        env = {k: v for k, v in stack.env().items() if k != "PREFECT_API_URL"}
+        env["SPARK_BENCH_S3_START_S"] = f"{seconds:.2f}"
+        env["SPARK_BENCH_STORE"] = stack.store_uri("bench")
+        yield env
+    finally:
+        stack.stop_s3()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def _median_of(iters: list[dict[str, Any]], kind: str) -> dict[str, float]:
+    names = {k for it in iters for k in it[kind]}
+    return {k: common.median([it[kind].get(k, 0.0) for it in iters]) for k in names}
+
+
+def summarise(res: dict[str, Any], skip_first: bool) -> dict[str, Any]:
+    """Medians over iterations (the first is dropped when there are several: it warms caches)."""
+    iters = res["iterations"][1:] if skip_first and len(res["iterations"]) > 1 else res["iterations"]
+    exc = _median_of(iters, "exclusive")
+    inc = _median_of(iters, "inclusive")
+    wall = common.median([it["wall_s"] for it in iters])
+    by_cat: dict[str, float] = defaultdict(float)
+    for name, seconds in exc.items():
+        if name.endswith("(background)"):
+            continue
+        by_cat[category(name)] += seconds
+    by_cat["unattributed"] = max(0.0, wall - sum(by_cat.values()))
+    stage_sum = sum(v for k, v in inc.items() if k.startswith("stage:"))
+    return {"wall_s": wall, "compute_s": by_cat.get("compute", 0.0), "stage_sum_s": stage_sum,
+            "by_category": dict(by_cat), "exclusive": exc, "inclusive": inc, "n": len(iters)}
+
+
+def main() -> int:
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--no-s3", action="store_true", help="skip the S3 modes")
+    parser.add_argument("--models", default=None, help="comma list of presets (default: tiny,smollm2-arith)")
+    parser.add_argument("--modes", default=None,
+                        help="comma list of modes (direct, flow, direct-s3, flow-s3) for every preset")
+    parser.add_argument("--profile", action="store_true", help="cProfile the timed iterations of each mode")
+    args = parser.parse_args()
+    common.apply_threads(args)
+    if args.worker:
+        spec = json.loads(args.worker)
+        common.write_worker_result(args.out, worker(spec))
+        return 0
+
+    info = common.machine_info()
+    presets = args.models.split(",") if args.models else (["tiny"] if args.quick else ["tiny", "smollm2-arith"])
+    # preset: (iterations, modes). One smollm2-arith iteration of the preset takes minutes on 2 cores, so
+    # by default only the flow runs there; its overhead is attributed inside the run (wall - compute).
+    # `--modes direct,flow` adds the side-by-side direct run.
+    plan = {
+        "tiny": (1, ["direct", "flow"]) if args.quick else (3, ["direct", "flow", "direct-s3", "flow-s3"]),
+        "smollm2-arith": (1, ["flow"]),
+    }
+    if args.modes:
+        plan = {p: (n, args.modes.split(",")) for p, (n, _) in plan.items()}
+    want_s3 = not args.no_s3 and any(m.endswith("s3") for p in presets for m in plan[p][1])
+    results: dict[str, dict[str, Any]] = defaultdict(dict)
+    s3_start = None
+    with (s3_stack() if want_s3 else contextlib.nullcontext(None)) as s3_env:
+        saved = dict(os.environ)
+        if s3_env:
+            s3_start = float(s3_env.pop("SPARK_BENCH_S3_START_S"))
+        for preset in presets:
+            iterations, modes = plan[preset]
+            for mode in modes:
+                spec: dict[str, Any] = {"mode": mode, "preset": preset, "iterations": iterations,
+                                        "profile": args.profile}
+                if mode.endswith("s3"):
+                    if not s3_env:
+                        continue
+                    os.environ.update({k: v for k, v in s3_env.items() if k != "SPARK_BENCH_STORE"})
+                    spec["store_uri"] = s3_env["SPARK_BENCH_STORE"] + f"/{preset}-{mode}"
+                print(f"[iteration] {preset}: {mode}", file=sys.stderr)
+                spec["spawned_at"] = time.time()
+                # The worker keeps its stores, checkpoints (~2 GB for smollm2) and Prefect database here.
+                spec["tmp_dir"] = tempfile.mkdtemp(prefix="spark-bench-iter-")
+                try:
+                    results[preset][mode] = common.run_worker(SCRIPT, spec, timeout_s=1500)
+                finally:
+                    shutil.rmtree(spec["tmp_dir"], ignore_errors=True)
+                os.environ.clear()
+                os.environ.update(saved)
+
+    rows, breakdown_rows, notes = [], [], []
+    cats = ["compute", "in-stage other", "model load", "store: Parquet", "store: checkpoint", "store: metadata",
+            "prefect", "unattributed"]
+    for preset, modes in results.items():
+        summaries = {m: summarise(r, skip_first=True) for m, r in modes.items()}
+        for mode, s in summaries.items():
+            base = summaries.get("direct-s3" if mode.endswith("s3") else "direct")
+            overhead = s["wall_s"] - s["compute_s"]
+            rows.append([preset, mode, s["n"], s["wall_s"], s["compute_s"], overhead,
+                         100 * overhead / s["wall_s"] if s["wall_s"] else float("nan"),
+                         (s["wall_s"] - base["wall_s"]) if base and mode.startswith("flow") else None])
+            breakdown_rows.append([preset, mode] + [s["by_category"].get(c, 0.0) for c in cats])
+        for mode, r in modes.items():
+            facts = [f"process start {r['process_start_s']:.1f} s", f"imports {r['imports_s']:.1f} s",
+                     f"iteration 0 (model build/load, checkpoint, baseline eval) {r['iteration0_s']:.1f} s"]
+            if "prefect_first_flow_s" in r:
+                facts.append(f"first flow of the process (ephemeral API start) {r['prefect_first_flow_s']:.1f} s, "
+                             f"an empty flow after that {r['prefect_empty_flow_s']:.2f} s")
+            notes.append(f"{preset} {mode}, once per process (not in the table): " + "; ".join(facts) + ".")
+        top = []
+        for mode, s in summaries.items():
+            if not mode.startswith("flow"):
+                continue
+            items = sorted(((v, k) for k, v in s["exclusive"].items()
+                            if category(k) not in ("compute", "in-stage other")), reverse=True)[:8]
+            top.append(f"{preset} {mode}: largest non-compute components (exclusive s/iteration): " +
+                       ", ".join(f"{k} {v:.2f}" for v, k in items))
+        notes += top
+        for mode, r in modes.items():
+            if r.get("profile"):
+                notes.append(f"cProfile of {preset} {mode} (timed iterations):\n```\n{r['profile']}\n```")
+    if s3_start is not None:
+        notes.append(f"SeaweedFS S3 server (infra/local/stack.py) started in {s3_start:.1f} s "
+                     "(once, not in the table).")
+    table = common.markdown_table(
+        ["model", "mode", "iterations timed", "wall s/iteration", "compute s", "overhead s (wall - compute)",
+         "overhead %", "flow - direct s"], rows)
+    breakdown = common.markdown_table(["model", "mode"] + cats, breakdown_rows)
+    notes = [
+        "Medians over timed iterations (the first timed iteration is dropped when there are several). "
+        "Compute = generate + verify_batch + build_reward_items + train_phase + evaluation (exclusive times).",
+        "Targets: flow overhead <= 3 s/iteration on tiny, <= 3% on smollm2-arith.",
+    ] + notes
+    print(common.report("One SPARK iteration: Prefect flow vs stages called directly", info,
+                        [("", table), ("**where the wall time goes** (exclusive seconds per iteration)", breakdown)],
+                        notes))
+    common.write_json(args.json, {"benchmark": "iteration", "machine": info, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -336,4 +336,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m` runs this file as __main__, a second copy of the module: stages and the trainer read the
+    # rank context from `spark_core.distributed`, so the ranks must initialise THAT copy.
+    from spark_core.distributed import main as _package_main
+
+    sys.exit(_package_main())

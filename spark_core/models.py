@@ -371,11 +371,22 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
-def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> None:
-    """Write model (safetensors) and tokenizer with save_pretrained, keeping the tokenizer-class marker."""
+def save_checkpoint(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    folder: str | Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write model (safetensors) and tokenizer with save_pretrained, keeping the tokenizer-class marker.
+
+    ``state_dict``: the weights to write instead of ``model``'s own, e.g. the full weights gathered from
+    FSDP shards (``distributed.full_state_dict``); ``model`` then supplies the config and file layout."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True)
+    if state_dict is None:
+        model.save_pretrained(str(out), safe_serialization=True)
+    else:
+        model.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     if type(tokenizer) is PreTrainedTokenizerFast:
         _mark_fast_tokenizer(out)

@@ -19,6 +19,11 @@ so LATEST=0 means "initialised and baseline evaluated" and LATEST=i means iterat
 A process-level :class:`Workspace` keeps the model, tokenizer, trainer and engine of the checkpoint the
 live weights equal, so the stages of one iteration in one process never reload between phases; after a
 crash, a new process loads from the store (weights and trainer state) and continues exactly.
+
+The training stages are rank-aware (``DISTRIBUTED_READY``): launched on several ranks by
+``spark_core.distributed``, every rank loads the model on its own device, builds the trainer and trains
+its shard of every mini-batch; every rank takes part in gathering the full weights and optimizer state
+(collective under FSDP); only rank 0 writes the checkpoint, the TRAIN table and the manifests.
 """
 
 from __future__ import annotations
@@ -55,6 +60,11 @@ REWARD_VERIFIED = "reward_verified"
 TRAIN_REWARD = train_stage("reward")
 CHECKPOINT = "checkpoint"
 TRAINER_STATE_DIR = "trainer_state"
+
+
+# The train stages run correctly on several ranks (see the module docstring); spark_core.distributed
+# refuses to launch ranks without this declaration.
+DISTRIBUTED_READY = True
 
 
 class StageError(RuntimeError):
@@ -199,6 +209,15 @@ class Workspace:
         self._ref = None
 
     # -- lazily loaded parts
+    @staticmethod
+    def device(cfg: SparkConfig) -> Any:
+        """Where this process computes: its rank's device under a launcher, else ``cfg.device``."""
+        from .distributed import current
+        from .models import resolve_device
+
+        ctx = current()
+        return ctx.device if ctx.enabled else resolve_device(cfg.device)
+
     def _need_folder(self) -> Path:
         if self.folder is None:
             raise StageError("workspace has no checkpoint selected (call use() first)")
@@ -213,12 +232,12 @@ class Workspace:
 
     def get_model(self, cfg: SparkConfig) -> Any:
         if self.model is None:
-            from .models import load_model_and_tokenizer, resolve_device
+            from .models import load_model_and_tokenizer
 
             if self.engine is not None and cfg.sampling.engine != "hf":
                 self.engine.close()  # free the accelerator before the in-process model needs it
                 self.engine = None
-            folder, device = self._need_folder(), resolve_device(cfg.device)
+            folder, device = self._need_folder(), self.device(cfg)
             if cfg.model.lora is None:
                 self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, path=folder, device=device)
             else:
@@ -233,14 +252,16 @@ class Workspace:
 
     def get_trainer(self, cfg: SparkConfig, store: Store, run_id: str) -> Any:
         if self.trainer is None:
-            from .models import resolve_device
             from .trainer import STATE_FILE, Trainer, planned_optimizer_steps
 
+            _check_sharded_lora(cfg)
             model = self.get_model(cfg)
             ref = self._ref_model(cfg, store, run_id) if cfg.train.kl_coef > 0 else None
             trainer = Trainer(
-                model, self.tokenizer, cfg.train, resolve_device(cfg.device),
+                model, self.tokenizer, cfg.train, self.device(cfg),
                 total_steps=planned_optimizer_steps(cfg), ref_model=ref,
+                # log-probs of the distribution that was sampled (both phases sample at this temperature)
+                temperature=cfg.sampling.temperature,
             )
             state = self._need_folder() / TRAINER_STATE_DIR
             if (state / STATE_FILE).exists():
@@ -252,7 +273,7 @@ class Workspace:
         """The frozen initial model (iteration 0 checkpoint) for the KL penalty, loaded once.
 
         With LoRA the reference is the live model with its adapters switched off (the frozen base)."""
-        from .models import load_model_and_tokenizer, resolve_device
+        from .models import load_model_and_tokenizer
 
         if cfg.model.lora is not None:
             from .lora import AdapterDisabledReference
@@ -263,44 +284,33 @@ class Workspace:
         key = (uri, str(store.manifest(uri).get("token", "")))
         if self._ref is None or self._ref[0] != key:
             ref, _ = load_model_and_tokenizer(
-                cfg.model, path=store.download_checkpoint(uri), device=resolve_device(cfg.device)
+                cfg.model, path=store.download_checkpoint(uri), device=self.device(cfg)
             )
             ref.requires_grad_(False)
             self._ref = (key, ref.eval())
         return self._ref[1]
 
     def get_engine(self, cfg: SparkConfig) -> Engine:
+        """The configured rollout engine for the selected checkpoint (``engines.factory.make_engine``).
+
+        hf samples from the in-process model (shared with the trainer: no reload between phases); vllm
+        loads the checkpoint folder in its own process, so the in-process model and trainer are dropped
+        first to free the accelerator; openai points its server at the folder (reload hook or LoRA
+        adapter) and uses the tokenizer when the server returns no token ids."""
         if self.engine is None:
-            s = cfg.sampling
             if self.engine_factory is not None:
                 self.engine = self.engine_factory(cfg, self)
-            elif s.engine == "hf":
-                from .engines.hf import HFEngine
-                from .models import resolve_device
-
-                self.engine = HFEngine(
-                    self.get_model(cfg), self.get_tokenizer(cfg), resolve_device(cfg.device), s.batch_size
-                )
-            elif s.engine == "vllm":
-                from .engines.vllm import VLLMEngine
-                from .lora import engine_weights
-
-                self._release_accelerator()
-
-                weights = engine_weights(self._need_folder())
-                self.engine = VLLMEngine(
-                    weights.model_path, s.vllm_python,
-                    tensor_parallel_size=s.tensor_parallel_size,
-                    gpu_memory_utilization=s.gpu_memory_utilization,
-                    seed=cfg.seed,
-                    trust_remote_code=cfg.model.trust_remote_code,
-                    lora_path=weights.adapter_path,
-                    max_lora_rank=weights.rank,
-                )
             else:
-                raise StageError(
-                    f"sampling.engine={s.engine!r} is not available in this build (use 'hf' or 'vllm')"
-                )
+                from .engines.factory import make_engine
+
+                kind = cfg.sampling.engine
+                if kind == "vllm":
+                    self._release_accelerator()
+                model = self.get_model(cfg) if kind == "hf" else None
+                try:
+                    self.engine = make_engine(cfg, model, self.get_tokenizer(cfg), self._need_folder())
+                except ValueError as err:
+                    raise StageError(f"cannot build the {kind!r} engine: {err}") from err
         return self.engine
 
     def _release_accelerator(self) -> None:
@@ -341,21 +351,46 @@ def workspace() -> Workspace:
     return _WORKSPACE
 
 
+def _check_sharded_lora(cfg: SparkConfig) -> None:
+    """LoRA export reads the full adapter and base weights from the live peft model, which FSDP shards."""
+    from .distributed import current
+
+    ctx = current()
+    sharded = ctx.enabled and ctx.accelerator is not None and "FSDP" in str(ctx.accelerator.distributed_type)
+    if sharded and cfg.model.lora is not None:
+        raise StageError(
+            "model.lora with FSDP is not supported (the adapter export needs unsharded weights): train LoRA "
+            "with train.launcher=torchrun (DDP) or an accelerate config without FSDP"
+        )
+
+
 def _save_live_checkpoint(cfg: SparkConfig, store: Store, ws: Workspace, uri: str,
                           extra: dict[str, Any]) -> dict[str, Any]:
-    """Write the live model (+ tokenizer + trainer state) as checkpoint `uri` and adopt it."""
-    with store.checkpoint_writer(uri, extra) as folder:
-        if cfg.model.lora is None:
-            from .models import save_checkpoint
+    """Write the live model (+ tokenizer + trainer state) as checkpoint `uri` and adopt it.
 
-            save_checkpoint(ws.model, ws.tokenizer, folder)
-        else:
-            from .lora import export_for_engine
+    Under several ranks every rank must call this: gathering the full weights and optimizer state is
+    collective under FSDP; only rank 0 writes, and every rank returns after the checkpoint exists."""
+    from . import distributed
 
-            export_for_engine(ws.model, ws.tokenizer, folder, cfg.model.lora.engine_weights, cfg.model.lora)
-        if ws.trainer is not None:
-            ws.trainer.save_state(folder / TRAINER_STATE_DIR)
-    ws.adopt(cfg, store, uri)
+    ctx = distributed.current()
+    live = ws.trainer.model if ws.trainer is not None else ws.model
+    weights = distributed.full_state_dict(live) if ctx.enabled else None  # collective; None off rank 0
+    trainer_state = ws.trainer.state_dict() if ws.trainer is not None else None  # collective under FSDP
+    if ctx.is_main:
+        model = distributed.unwrap(live) if ctx.enabled else ws.model
+        with store.checkpoint_writer(uri, extra) as folder:
+            if cfg.model.lora is None:
+                from .models import save_checkpoint
+
+                save_checkpoint(model, ws.tokenizer, folder, state_dict=weights)
+            else:
+                from .lora import export_for_engine
+
+                export_for_engine(model, ws.tokenizer, folder, cfg.model.lora.engine_weights, cfg.model.lora)
+            if ws.trainer is not None:
+                ws.trainer.save_state(folder / TRAINER_STATE_DIR, state=trainer_state)
+        ws.adopt(cfg, store, uri)
+    distributed.barrier()  # the other ranks continue once the checkpoint is complete
     return store.manifest(uri)
 
 
@@ -582,16 +617,24 @@ def _train(cfg: SparkConfig, store: Store, run_id: str, iteration: int, ws: Work
 
     The checkpoint is written first and carries the TRAIN rows in its manifest, so a crash between the
     two writes is repaired by copying the rows (the weights are never trained twice).
+
+    Under several ranks every rank runs this whole function: all train, all take part in saving, rank 0
+    alone writes; the barriers keep every rank on the same branch and the same number of collectives.
     """
     import torch
 
+    from . import distributed
+
+    ctx = distributed.current()
     table_uri = store.stage_uri(run_id, iteration, out_table)
     ckpt_uri = store.stage_uri(run_id, iteration, out_ckpt)
-    if (m := store.manifest_or_none(table_uri)) is not None:
-        return _summary(m, skipped=True)
+    done, ck = store.manifest_or_none(table_uri), store.manifest_or_none(ckpt_uri)
+    distributed.barrier()  # every rank has read the store before rank 0 changes it
+    if done is not None:
+        return _summary(done, skipped=True)
     started = time.time()
     _require(store, rows_uri, f"{phase}-phase verified rollouts")
-    if (ck := store.manifest_or_none(ckpt_uri)) is not None:
+    if ck is not None:
         rows = ck["train_rows"]
     else:
         ws.use(cfg, store, model_uri)
@@ -608,12 +651,14 @@ def _train(cfg: SparkConfig, store: Store, run_id: str, iteration: int, ws: Work
             cfg, run_id, iteration, out_ckpt, started, [model_uri, rows_uri],
             {"global_step": trainer.global_step}, train_rows=rows,
         ))
-    table = pa.Table.from_pylist(rows, schema=schemas.TRAIN)
-    m = store.write_table(table_uri, table, _extra(
-        cfg, run_id, iteration, out_table, started, [rows_uri, model_uri], _train_metrics(rows),
-        checkpoint=ckpt_uri, **manifest_more,
-    ))
-    return _summary(m, skipped=False)
+    if ctx.is_main:
+        table = pa.Table.from_pylist(rows, schema=schemas.TRAIN)
+        store.write_table(table_uri, table, _extra(
+            cfg, run_id, iteration, out_table, started, [rows_uri, model_uri], _train_metrics(rows),
+            checkpoint=ckpt_uri, **manifest_more,
+        ))
+    distributed.barrier()
+    return _summary(store.manifest(table_uri), skipped=False)
 
 
 def train_policy(cfg: SparkConfig, store: Store, run_id: str, iteration: int,
@@ -821,7 +866,7 @@ def metrics_frame(cfg: SparkConfig, store: Store, run_id: str) -> pd.DataFrame:
 
 
 __all__ = [
-    "CHECKPOINT", "POLICY_CHECKPOINT", "REWARD_ITEMS", "REWARD_POOL", "REWARD_SAMPLES", "REWARD_VERIFIED",
+    "CHECKPOINT", "DISTRIBUTED_READY", "POLICY_CHECKPOINT", "REWARD_ITEMS", "REWARD_POOL", "REWARD_SAMPLES", "REWARD_VERIFIED",
     "SAMPLES", "TRAIN_POLICY", "TRAIN_REWARD", "VERIFIED", "StageError", "StoreError", "Workspace",
     "benchmark_config", "build_reward_data", "check_run_config", "eval_due", "evaluate", "finish_iteration", "init_run",
     "iteration_summary", "metrics_frame", "reward_phase_follows", "run_benchmark", "run_config",

@@ -1,10 +1,32 @@
 """The in-process GRPO trainer shared by both SPARK phases (same optimizer, same LR schedule).
 
 One ``Trainer`` lives for a whole run segment. ``train_phase`` takes the verified rollouts of one
-phase (policy or reward), recomputes the old log-probs with the current weights (engines return only
-text and token ids), and runs ``epochs`` passes of clipped GRPO updates. Each optimizer step yields one
-row of the TRAIN table (``spark_core.schemas.TRAIN``). ``save_state`` / ``load_state`` carry the
-optimizer, the schedule and the step counter across processes so a resumed run continues exactly.
+phase (policy or reward) and runs ``epochs`` passes of clipped GRPO updates over them. Engines return
+only text and token ids, so the trainer computes every log-prob itself:
+
+* old log-probs (the sampling policy's): when the phase is ONE optimizer step (a single mini-batch
+  holding every row, one epoch) they equal the current weights' log-probs at that step, so the
+  training forward's own ``logp.detach()`` serves (ratio exactly 1, same gradient) and no extra
+  forward is spent; with several steps they are recomputed once, before the first update;
+* reference log-probs (frozen initial model, k3 KL) once per phase, whatever the number of epochs.
+
+Log-probs are computed for completion tokens only: sequences are LEFT-padded with explicit position
+ids, so every completion ends at the last position and the model's ``logits_to_keep`` skips the
+vocabulary projection (and the log-softmax) of all prompt positions, the bulk of the tokens when
+prompts carry few-shot examples. Micro-batches are formed from length-sorted sequences of the
+mini-batch to keep padding small; the loss is a token-sum over the whole mini-batch, so grouping does
+not change the update beyond float rounding.
+
+Several ranks (``spark_core.distributed``; torchrun DDP or accelerate FSDP): every rank holds all rows,
+computes all advantages and the same mini-batch plan, and trains on ``distributed.shard`` of each
+mini-batch. The loss is normalised by the mini-batch's GLOBAL token count and scaled by the world size
+(DDP/FSDP average gradients), so the update equals the single-process one. Every rank runs the same
+number of forward/backward calls per step (short shards get an empty filler micro-batch), which FSDP's
+and DDP's collectives require.
+
+Each optimizer step yields one row of the TRAIN table (``spark_core.schemas.TRAIN``). ``save_state`` /
+``load_state`` carry the optimizer, the schedule and the step counter across processes so a resumed
+run continues exactly.
 """
 
 from __future__ import annotations
@@ -21,8 +43,9 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 
+from . import distributed
 from .config import SparkConfig, TrainConfig
-from .grpo import group_advantages, grpo_loss, sequence_logprobs
+from .grpo import group_advantages, grpo_loss
 from .schemas import TRAIN
 
 log = logging.getLogger(__name__)
@@ -30,6 +53,9 @@ log = logging.getLogger(__name__)
 Phase = Literal["policy", "reward"]
 STATE_FILE = "trainer_state.pt"
 REQUIRED_COLUMNS = ("prompt", "completion_ids", "reward", "question_id")
+# Logits turned into float32 log-probs per chunk (64M floats = 256 MB), so a full-vocabulary float32
+# copy of a large micro-batch never exists at once.
+_LOGSUMEXP_CHUNK = 64 * 1024 * 1024
 
 
 # ------------------------------------------------------------------------------------ schedule
@@ -81,13 +107,13 @@ def lr_factor(step: int, total_steps: int, warmup_ratio: float, min_lr_ratio: fl
 
 @dataclass
 class _Sequence:
-    """One rollout ready for training: prompt+completion ids and per-token tensors aligned to them."""
+    """One rollout ready for training: prompt+completion ids and per-completion-token log-probs."""
 
     ids: list[int]
     prompt_len: int
     advantage: float
     reward: float
-    old_logp: torch.Tensor | None = None  # [len(ids)], zero on prompt positions
+    old_logp: torch.Tensor | None = None  # [num_tokens] float32 on CPU
     ref_logp: torch.Tensor | None = None
 
     @property
@@ -95,38 +121,52 @@ class _Sequence:
         return len(self.ids) - self.prompt_len
 
 
+def _filler(template: _Sequence) -> _Sequence:
+    """A one-token sequence with no completion: a forward/backward that adds nothing to the loss, run
+    by a rank whose share of a mini-batch is short so that all ranks make the same collective calls."""
+    return _Sequence(template.ids[:1], 1, 0.0, 0.0)
+
+
 @dataclass
 class _Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    completion_mask: torch.Tensor
-    advantages: torch.Tensor
-    old_logp: torch.Tensor | None
-    ref_logp: torch.Tensor | None
+    """A left-padded micro-batch; per-token tensors cover its last K positions (the completions)."""
+
+    input_ids: torch.Tensor  # [n, T]
+    attention_mask: torch.Tensor  # [n, T]
+    position_ids: torch.Tensor  # [n, T]
+    completion_mask: torch.Tensor  # [n, K] bool, K = longest completion
+    advantages: torch.Tensor  # [n]
+    old_logp: torch.Tensor | None  # [n, K]
+    ref_logp: torch.Tensor | None  # [n, K]
 
 
 def _collate(seqs: list[_Sequence], device: torch.device, pad_id: int) -> _Batch:
-    """Right-pad a list of sequences (right padding keeps default position ids correct)."""
-    width = max(len(s.ids) for s in seqs)
+    """Left-pad so every completion ends at the last position; position ids restart at each
+    sequence's first real token (what the model saw when it generated, whatever the padding)."""
     n = len(seqs)
+    width = max(len(s.ids) for s in seqs)
+    keep = max(s.num_tokens for s in seqs)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     attn = torch.zeros((n, width), dtype=torch.long)
-    comp = torch.zeros((n, width), dtype=torch.long)
-    old = torch.zeros((n, width)) if seqs[0].old_logp is not None else None
-    ref = torch.zeros((n, width)) if seqs[0].ref_logp is not None else None
+    comp = torch.zeros((n, keep), dtype=torch.bool)
+    old = torch.zeros((n, keep)) if any(s.old_logp is not None for s in seqs) else None
+    ref = torch.zeros((n, keep)) if any(s.ref_logp is not None for s in seqs) else None
     for i, s in enumerate(seqs):
-        L = len(s.ids)
-        ids[i, :L] = torch.tensor(s.ids, dtype=torch.long)
-        attn[i, :L] = 1
-        comp[i, s.prompt_len : L] = 1
-        if old is not None:
-            old[i, :L] = s.old_logp
-        if ref is not None:
-            ref[i, :L] = s.ref_logp
+        length, count = len(s.ids), s.num_tokens
+        ids[i, width - length :] = torch.tensor(s.ids, dtype=torch.long)
+        attn[i, width - length :] = 1
+        if count:
+            comp[i, keep - count :] = True
+            if old is not None:
+                old[i, keep - count :] = s.old_logp
+            if ref is not None:
+                ref[i, keep - count :] = s.ref_logp
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
     adv = torch.tensor([s.advantage for s in seqs], dtype=torch.float32)
     return _Batch(
         ids.to(device),
         attn.to(device),
+        pos.to(device),
         comp.to(device),
         adv.to(device),
         None if old is None else old.to(device),
@@ -134,9 +174,90 @@ def _collate(seqs: list[_Sequence], device: torch.device, pad_id: int) -> _Batch
     )
 
 
+def completion_logprobs(model: torch.nn.Module, batch: _Batch, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs of the completion tokens of a left-padded batch: ``[n, K]``, zero outside the mask.
+
+    ``logits_to_keep`` asks the model for the last ``K + 1`` positions only (a model that ignores it
+    returns every position; the slice below then drops the rest). Logits are divided by the sampling
+    ``temperature`` and turned into log-probs in float32, a few rows at a time.
+    """
+    width = batch.completion_mask.shape[1]
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        logits_to_keep=width + 1,
+    )
+    logits = out.logits[:, -(width + 1) : -1]  # the logits at t-1 predict the token at t
+    targets = batch.input_ids[:, batch.input_ids.shape[1] - width :]
+    per_row = max(1, logits[0].numel()) if logits.shape[0] else 1
+    rows_per_chunk = max(1, _LOGSUMEXP_CHUNK // per_row)
+    parts = []
+    for start in range(0, logits.shape[0], rows_per_chunk):
+        chunk = logits[start : start + rows_per_chunk].float()
+        if temperature != 1.0:
+            chunk = chunk / temperature
+        picked = chunk.gather(-1, targets[start : start + rows_per_chunk].unsqueeze(-1)).squeeze(-1)
+        parts.append(picked - torch.logsumexp(chunk, dim=-1))
+    lp = torch.cat(parts)
+    # where, not a product: whatever a masked position holds (a padding row's values included) can
+    # then reach neither the loss nor its gradient
+    return torch.where(batch.completion_mask, lp, torch.zeros_like(lp))
+
+
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def lockstep_micro_batches(total: int, world_size: int, micro_batch_size: int) -> int:
+    """Micro-batches EVERY rank runs for a mini-batch of ``total`` sequences: enough for the largest
+    shard (strided shards differ in size by at most one), and at least one."""
+    largest_shard = math.ceil(total / world_size)
+    return max(1, math.ceil(largest_shard / micro_batch_size))
+
+
+def _micro_batches(seqs: list[_Sequence], size: int, count: int, template: _Sequence) -> list[list[_Sequence]]:
+    """``seqs`` sorted by length (less padding) in chunks of ``size``, then filler chunks up to ``count``."""
+    ordered = sorted(seqs, key=lambda s: len(s.ids))
+    out = list(_chunks(ordered, size))
+    if len(out) > count:
+        raise AssertionError(f"{len(seqs)} sequences need {len(out)} micro-batches, more than the {count} planned")
+    return out + [[_filler(template)] for _ in range(count - len(out))]
+
+
+# ------------------------------------------------------------------------------ optimizer state
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    """FSDP (v1 wrapper or v2 ``fully_shard``): parameters and optimizer state are split over ranks."""
+    from torch.distributed import fsdp  # noqa: PLC0415
+
+    kinds = tuple(k for k in (getattr(fsdp, "FullyShardedDataParallel", None), getattr(fsdp, "FSDPModule", None)) if k)
+    return bool(kinds) and isinstance(model, kinds)
+
+
+def optimizer_state_to_indexed(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """A parameter-NAME-keyed optimizer state (``torch.distributed.checkpoint.state_dict``'s format) in
+    the index-keyed format of ``Optimizer.state_dict()`` (index = position in ``names``), so a state
+    gathered from FSDP ranks is the same file a single process writes."""
+    index = {name: i for i, name in enumerate(names)}
+    missing = [k for k in state["state"] if k not in index]
+    if missing:
+        raise ValueError(f"optimizer state holds parameters the trainer does not train: {missing[:3]}")
+    return {
+        "state": {index[k]: v for k, v in state["state"].items()},
+        "param_groups": [{**g, "params": [index[k] for k in g["params"]]} for g in state["param_groups"]],
+    }
+
+
+def optimizer_state_to_named(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The inverse of ``optimizer_state_to_indexed``."""
+    return {
+        "state": {names[int(k)]: v for k, v in state["state"].items()},
+        "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]],
+    }
 
 
 # ----------------------------------------------------------------------------------- trainer
@@ -151,6 +272,10 @@ class Trainer:
     forward passes are spent then). ``temperature`` is the sampling
     temperature of the rollouts: log-probs (old, new, reference) are taken from logits divided by it,
     so the importance ratio compares the distribution that was actually sampled.
+
+    Under several ranks (``distributed.current().enabled``) the model and optimizer are wrapped with
+    ``distributed.prepare_for_training`` (pass the plain model); ``self.model`` is then the wrapper and
+    ``self.raw_model`` the plain model.
     """
 
     def __init__(
@@ -176,8 +301,8 @@ class Trainer:
                 "initial model, or set train.kl_coef=0 to train without the KL penalty"
             )
         self.cfg = train_cfg
+        self.dist = distributed.current()
         self.device = torch.device(device)
-        self.model = model.to(self.device)
         self.tokenizer = tokenizer
         self.total_steps = total_steps
         self.temperature = float(temperature)
@@ -186,23 +311,41 @@ class Trainer:
         if ref_model is not None and train_cfg.kl_coef > 0:
             self.ref_model = ref_model.to(self.device).eval()
             self.ref_model.requires_grad_(False)
+        # A caller may hand over an already wrapped model (DDP); it is then used as it is.
+        prewrapped = distributed.unwrap(model, self.dist) is not model
+        plain = distributed.unwrap(model, self.dist)
+        if not prewrapped:
+            plain = plain.to(self.device)
         if train_cfg.gradient_checkpointing:
             # Non-reentrant checkpointing works with inputs that do not require grad (frozen embeddings).
             # transformers 5.x renamed the switch; older 5.x releases only have the first name.
-            enable = getattr(self.model, "activation_checkpointing_enable", None)
+            enable = getattr(plain, "activation_checkpointing_enable", None)
             if enable is not None:
                 enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        if not self.params:
+                plain.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        named = [(name, p) for name, p in plain.named_parameters() if p.requires_grad]
+        if not named:
             raise ValueError("the model has no trainable parameters")
+        self._param_names = [name for name, _ in named]  # optimizer state order (see save_state)
+        self.params = [p for _, p in named]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=train_cfg.lr, betas=tuple(train_cfg.betas), weight_decay=train_cfg.weight_decay
         )
+        self.model = model if prewrapped else plain
+        if not prewrapped:
+            wrapped, optimizer = distributed.prepare_for_training(plain, self.optimizer, self.dist)
+            self.model, self.optimizer = wrapped, optimizer or self.optimizer
+        # accelerate's backward/clipping under `accelerate launch` with several ranks (FSDP needs them)
+        self._accelerator = self.dist.accelerator if self.dist.enabled else None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else 0  # any valid id: padding is masked out
+
+    @property
+    def raw_model(self) -> torch.nn.Module:
+        """The plain model inside any data-parallel wrapper (HF attributes, saving, generation)."""
+        return distributed.unwrap(self.model, self.dist)
 
     # -------------------------------------------------------------------------- helpers
 
@@ -220,11 +363,11 @@ class Trainer:
         if missing:
             raise ValueError(f"train_phase rows lack column(s) {missing}; got {list(rows.columns)}")
         rewards = torch.tensor(rows["reward"].astype(float).to_numpy(), dtype=torch.float64)
-        adv = group_advantages(rewards, rows["question_id"].astype(str).tolist(), eps=self.cfg.adv_eps)
-        vocab = self.model.get_input_embeddings().num_embeddings
+        adv = group_advantages(rewards, rows["question_id"].astype(str).tolist(), eps=self.cfg.adv_eps).tolist()
+        vocab = self.raw_model.get_input_embeddings().num_embeddings
         prompt_ids: dict[str, list[int]] = {}  # the K samples of a question share one prompt
         seqs = []
-        for i, (prompt, completion) in enumerate(zip(rows["prompt"], rows["completion_ids"])):
+        for i, (prompt, completion, reward) in enumerate(zip(rows["prompt"], rows["completion_ids"], rewards.tolist())):
             if prompt not in prompt_ids:
                 ids = list(self.tokenizer(prompt, add_special_tokens=False).input_ids)
                 if not ids:
@@ -237,26 +380,52 @@ class Trainer:
                     f"row {i}: completion_ids hold ids outside the model's vocabulary of {vocab}; "
                     "were the rollouts sampled with another tokenizer?"
                 )
-            seqs.append(_Sequence(p + completion_ids, len(p), float(adv[i]), float(rewards[i])))
+            seqs.append(_Sequence(p + completion_ids, len(p), float(adv[i]), float(reward)))
         return seqs
 
     @torch.no_grad()
-    def _score(self, model: torch.nn.Module, seqs: list[_Sequence]) -> list[torch.Tensor]:
-        """Per-sequence log-probs (on CPU, aligned to ids) under ``model``, without gradients."""
+    def _score(self, model: torch.nn.Module, seqs: list[_Sequence], chunks: int | None = None) -> list[torch.Tensor]:
+        """Completion log-probs (float32, on CPU) of each sequence under ``model``, without gradients.
+
+        ``chunks`` is the number of forward calls to make (filler micro-batches pad a short shard, so
+        every rank calls a wrapped model equally often); default: as many as ``seqs`` need."""
+        size = self.cfg.micro_batch_size
+        count = chunks if chunks is not None else max(1, math.ceil(len(seqs) / size))
+        out: dict[int, torch.Tensor] = {}
         was_training = model.training
         model.eval()
-        out: list[torch.Tensor] = []
         try:
-            for chunk in _chunks(seqs, self.cfg.micro_batch_size):
-                b = _collate(chunk, self.device, self.pad_id)
+            if not seqs:
+                template = _Sequence([self.pad_id], 1, 0.0, 0.0)
+            else:
+                template = seqs[0]
+            position = {id(s): i for i, s in enumerate(seqs)}
+            for micro in _micro_batches(seqs, size, count, template):
+                b = _collate(micro, self.device, self.pad_id)
                 with self._autocast():
-                    lp = sequence_logprobs(
-                        model, b.input_ids, b.attention_mask, b.completion_mask, self.temperature
-                    )
-                out.extend(lp[i, : len(s.ids)].float().cpu() for i, s in enumerate(chunk))
+                    lp = completion_logprobs(model, b, self.temperature)
+                width = lp.shape[1]
+                for row, s in zip(lp, micro):
+                    if id(s) in position:  # fillers are not in `seqs`
+                        out[position[id(s)]] = row[width - s.num_tokens :].float().cpu()
         finally:
             model.train(was_training)
-        return out
+        return [out[i] for i in range(len(seqs))]
+
+    def _attach(self, seqs: list[_Sequence], model: torch.nn.Module, field: str, everywhere: bool) -> None:
+        """Score ``seqs`` with ``model`` and store the log-probs in ``field`` of each sequence.
+
+        Each rank scores its own shard; with ``everywhere`` the shards are exchanged so that every rank
+        holds every sequence's log-probs (needed when later mini-batches reshuffle the rows)."""
+        mine = distributed.shard(list(range(len(seqs))), self.dist)
+        count = lockstep_micro_batches(len(seqs), self.dist.world_size, self.cfg.micro_batch_size)
+        scored = list(zip(mine, self._score(model, [seqs[i] for i in mine], count)))
+        if everywhere and self.dist.enabled:
+            parts: list[Any] = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(parts, scored)
+            scored = [pair for part in parts for pair in part]
+        for i, lp in scored:
+            setattr(seqs[i], field, lp)
 
     def _order(self, n: int, epoch: int, phase_start: int) -> list[int]:
         """Sequence order of one epoch: shuffled with a seed fixed by the step the phase started at,
@@ -266,6 +435,16 @@ class Trainer:
         gen = torch.Generator().manual_seed(1_000_003 * phase_start + epoch)
         return torch.randperm(n, generator=gen).tolist()
 
+    def _plan(self, n: int, phase_start: int) -> list[list[int]]:
+        """The phase's optimizer steps: each a list of sequence indices (a mini-batch), all epochs."""
+        mini = self.cfg.mini_batch_size or n
+        return [mb for epoch in range(self.cfg.epochs) for mb in _chunks(self._order(n, epoch, phase_start), mini)]
+
+    def _reuses_current_logp(self, plan: list[list[int]]) -> bool:
+        """One optimizer step over all rows: the weights at that step ARE the sampling weights, so the
+        old log-probs equal the training forward's (detached) and need no forward of their own."""
+        return len(plan) == 1
+
     # ------------------------------------------------------------------------------ train
 
     def train_phase(self, rows: pd.DataFrame, phase: Phase) -> list[dict[str, Any]]:
@@ -274,57 +453,76 @@ class Trainer:
         ``rows`` needs ``prompt`` (the exact text the engine saw), ``completion_ids``, ``reward`` and
         ``question_id`` (the GRPO group key). Groups whose rewards all agree get zero advantage and stay
         in the batch (they still feel the KL term). An empty frame trains nothing and returns [].
+        Under several ranks every rank must call this with the same rows.
         """
         if phase not in ("policy", "reward"):
             raise ValueError(f"phase must be 'policy' or 'reward', got {phase!r}")
         if len(rows) == 0:
             return []
         seqs = self._prepare(rows)
-        # Old log-probs come from the weights before any update of this phase (the sampling policy).
-        for s, lp in zip(seqs, self._score(self.model, seqs)):
-            s.old_logp = lp
+        phase_start = self.global_step
+        plan = self._plan(len(seqs), phase_start)
+        several_steps = not self._reuses_current_logp(plan)
+        if several_steps:
+            # Old log-probs come from the weights before any update of this phase (the sampling policy).
+            self._attach(seqs, self.model, "old_logp", everywhere=True)
         if self.ref_model is not None:
-            for s, lp in zip(seqs, self._score(self.ref_model, seqs)):
-                s.ref_logp = lp
+            self._attach(seqs, self.ref_model, "ref_logp", everywhere=several_steps)
 
         was_training = self.model.training
         self.model.train()
-        mini = self.cfg.mini_batch_size or len(seqs)
-        phase_start = self.global_step
-        out_rows: list[dict[str, Any]] = []
-        for epoch in range(self.cfg.epochs):
-            order = self._order(len(seqs), epoch, phase_start)
-            for mb_idx in _chunks(order, mini):
-                out_rows.append(self._optimizer_step([seqs[i] for i in mb_idx], phase))
+        out_rows = [self._optimizer_step([seqs[i] for i in mb], phase) for mb in plan]
         self.model.train(was_training)  # callers (engines, evaluation) get the model back as it was
         return out_rows
 
+    def _no_sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        """DDP: all-reduce gradients once per optimizer step (on the last micro-batch), not per micro-batch.
+        FSDP reduce-scatters every backward (skipping it would keep full unsharded gradients)."""
+        from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
+
+        if last or not isinstance(self.model, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
     def _optimizer_step(self, batch: list[_Sequence], phase: Phase) -> dict[str, Any]:
         """Accumulate gradients over micro-batches (token-mean over the whole mini-batch), then step."""
-        num_tokens = sum(s.num_tokens for s in batch)
+        world = self.dist.world_size
+        num_tokens = sum(s.num_tokens for s in batch)  # every rank holds the whole mini-batch: the global count
+        count = lockstep_micro_batches(len(batch), world, self.cfg.micro_batch_size)
+        micros = _micro_batches(distributed.shard(batch, self.dist), self.cfg.micro_batch_size, count, batch[0])
         totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
         self.optimizer.zero_grad(set_to_none=True)
-        for micro in _chunks(batch, self.cfg.micro_batch_size):
+        for j, micro in enumerate(micros):
             b = _collate(micro, self.device, self.pad_id)
-            with self._autocast():
-                logp = sequence_logprobs(
-                    self.model, b.input_ids, b.attention_mask, b.completion_mask, self.temperature
+            with self._no_sync(last=j == len(micros) - 1):
+                with self._autocast():
+                    logp = completion_logprobs(self.model, b, self.temperature)
+                loss, stats = grpo_loss(
+                    logp,
+                    b.old_logp if b.old_logp is not None else logp.detach(),
+                    b.advantages,
+                    b.completion_mask,
+                    clip_eps=self.cfg.clip_eps,
+                    ref_logp=b.ref_logp,
+                    kl_coef=self.cfg.kl_coef,
+                    num_tokens=num_tokens,
                 )
-            loss, stats = grpo_loss(
-                logp,
-                b.old_logp,
-                b.advantages,
-                b.completion_mask,
-                clip_eps=self.cfg.clip_eps,
-                ref_logp=b.ref_logp,
-                kl_coef=self.cfg.kl_coef,
-                num_tokens=num_tokens,
-            )
-            loss.backward()
+                # Each rank's loss is its share of the global token sum; DDP/FSDP AVERAGE gradients over
+                # ranks, so scaling by the world size makes the result the sum, i.e. the global token mean.
+                scaled = loss * world if world > 1 else loss
+                if self._accelerator is not None:
+                    self._accelerator.backward(scaled)
+                else:
+                    scaled.backward()
             totals["loss"] += float(loss.detach().item())
             for key in ("pg_loss", "kl", "clip_frac"):
                 totals[key] += stats[key]
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        if self.dist.enabled:
+            totals = distributed.all_reduce_sum(totals, self.dist)
+        if self._accelerator is not None:
+            grad_norm = self._accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         lr = float(self.optimizer.param_groups[0]["lr"])
         self.optimizer.step()
         self.scheduler.step()
@@ -347,34 +545,76 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ state
 
-    def save_state(self, folder: str | Path) -> Path:
-        """Write optimizer, scheduler, step counter and RNG states to ``folder/trainer_state.pt``.
+    def _inner_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps the optimizer
 
-        The model weights are saved separately (``models.save_checkpoint``). The write goes through a
-        temporary file so a crash never leaves half a state file.
-        """
-        path = Path(folder) / STATE_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {
-            "optimizer": self.optimizer.state_dict(),
+    def state_dict(self) -> dict[str, Any] | None:
+        """Optimizer, scheduler, step counter and RNG states; None on ranks other than 0.
+
+        Under FSDP this is a COLLECTIVE (the optimizer state is gathered from the shards): every rank
+        must call it. The optimizer state always has the single-process format (parameters by index),
+        so a run can resume with a different number of ranks."""
+        if self.dist.enabled and _is_sharded(self.model):
+            from torch.distributed.checkpoint.state_dict import (  # noqa: PLC0415
+                StateDictOptions,
+                get_optimizer_state_dict,
+            )
+
+            named = get_optimizer_state_dict(
+                self.model, self._inner_optimizer(), options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+            optimizer = optimizer_state_to_indexed(named, self._param_names) if self.dist.is_main else None
+        else:
+            optimizer = self.optimizer.state_dict() if self.dist.is_main else None
+        if not self.dist.is_main:
+            return None
+        return {
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "global_step": self.global_step,
             "total_steps": self.total_steps,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
+
+    def save_state(self, folder: str | Path, state: dict[str, Any] | None = None) -> Path:
+        """Write ``state`` (default: ``self.state_dict()``) to ``folder/trainer_state.pt``.
+
+        The model weights are saved separately (``models.save_checkpoint``). The write goes through a
+        temporary file so a crash never leaves half a state file. Under several ranks only rank 0
+        writes (the others return the path without writing; under FSDP they must still call this, or
+        ``state_dict``, because gathering the optimizer state is collective)."""
+        path = Path(folder) / STATE_FILE
+        if state is None:
+            state = self.state_dict()
+        if state is None or not self.dist.is_main:
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".pt.tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)
         return path
 
     def load_state(self, folder: str | Path) -> None:
-        """Restore what ``save_state`` wrote; the model must already hold the matching weights."""
+        """Restore what ``save_state`` wrote; the model must already hold the matching weights.
+        Every rank reads the file (under FSDP each keeps its shard of the optimizer state)."""
         path = Path(folder) / STATE_FILE
         if not path.exists():
             raise FileNotFoundError(f"no trainer state at {path}")
         state = torch.load(path, map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])  # moves tensors to the params' device
+        if self.dist.enabled and _is_sharded(self.model):
+            from torch.distributed.checkpoint.state_dict import (  # noqa: PLC0415
+                StateDictOptions,
+                set_optimizer_state_dict,
+            )
+
+            set_optimizer_state_dict(
+                self.model, self._inner_optimizer(),
+                optim_state_dict=optimizer_state_to_named(state["optimizer"], self._param_names),
+                options=StateDictOptions(full_state_dict=True),
+            )
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])  # moves tensors to the params' device
         self.scheduler.load_state_dict(state["scheduler"])
         self.global_step = int(state["global_step"])
         if state["total_steps"] != self.total_steps:

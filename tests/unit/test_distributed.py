@@ -1,22 +1,20 @@
-"""Multi-process training helpers: launcher command lines, errors, and a real 2-rank gloo run on the CPU."""
+"""Multi-process training: launcher command lines, errors, the train task's dispatch, and a real 2-rank
+gloo train stage on the CPU compared with the single-process stage."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from spark_core import distributed
 from spark_core.config import TrainConfig, load_config
 from spark_core.distributed import DistributedError, launcher_command, stage_args
-
-HERE = Path(__file__).parent
-
 
 def test_torchrun_command() -> None:
     cmd = launcher_command(TrainConfig(launcher="torchrun", num_processes=4), ["--x", "1"], python="py")
@@ -79,42 +77,108 @@ def test_entry_point_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -
     assert "iteration must be >= 1" in capsys.readouterr().err
 
 
-def _rank_module():
-    spec = importlib.util.spec_from_file_location("_ddp_rank", HERE / "_ddp_rank.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+RUN = "dist"
 
 
-@pytest.mark.slow  # two ranks each import torch + transformers: ~60 s on 2 shared cores
-def test_two_gloo_ranks_train_like_one_process(tmp_path: Path) -> None:
-    """torchrun, 2 CPU ranks (gloo), DDP via prepare_for_training, the real Trainer on half the groups each.
+def _files(root: Path) -> dict[str, int]:
+    """Relative path -> size of every file under a stage folder (manifests excluded: they hold times)."""
+    return {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "_SUCCESS.json"}
 
-    With equal token counts per rank, DDP's gradient average equals the single-process token-mean
-    gradient, so the weights after the step must match an in-process step on all rows."""
-    rank = _rank_module()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    cmd = launcher_command(TrainConfig(launcher="torchrun"), [str(tmp_path)], module="_ddp_rank", num_processes=2)
+
+@pytest.mark.slow  # two ranks each import torch + transformers and load the model twice: ~60 s on 2 cores
+def test_two_gloo_ranks_run_the_train_stage_like_one_process(
+    tiny_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real multi-process path: the train task launches torchrun with 2 CPU ranks (gloo), each runs
+    `stages.train_policy` (DDP via the Trainer, sharded mini-batches, fillers for short shards, old
+    log-probs exchanged between ranks), and rank 0 alone writes. Same store contents as one process:
+    the same checkpoint weights (within float tolerance), trainer state, TRAIN rows and file set."""
+    from pipeline_engine import ArithmeticEngine
+
+    from spark_core import stages as S
+    from spark_core.store import Store
+    from tasks.train import run_train_stage
+
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.eval.every = 0
+    # 32 rollouts in mini-batches of 13, 13, 6 (so old log-probs are recomputed and exchanged); shards of
+    # 7 and 6 in micro-batches of 3 give rank 1 a filler micro-batch; kl_coef > 0 loads the reference.
+    cfg.train = cfg.train.model_copy(update={"launcher": "torchrun", "num_processes": 2, "mini_batch_size": 13,
+                                             "micro_batch_size": 3, "kl_coef": 0.01})
+    one, two = tmp_path / "one", tmp_path / "two"
+    store = Store(str(one))
+    ws = S.Workspace()
+    ws.engine_factory = lambda c, w: ArithmeticEngine(w.get_tokenizer(c))
+    S.init_run(cfg, store, RUN, ws)
+    S.sample_policy(cfg, store, RUN, 1, ws)
+    S.verify_policy(cfg, store, RUN, 1)
+    S.build_reward_data(cfg, store, RUN, 1, ws)
+    shutil.copytree(one, two)
+
+    single = S.train_policy(cfg, store, RUN, 1, S.Workspace())
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     start = time.time()
-    distributed.run_launcher(cmd, "torchrun", env=env, timeout_s=300)
-    result = torch.load(tmp_path / "rank0.pt", weights_only=False)
-    assert result["world_size"] == 2 and result["backend"] == "gloo" and result["local_sequences"] == 4
-    assert result["global_tokens"] == 8 * rank.COMPLETION_LEN
+    launched = run_train_stage(cfg, str(two), RUN, 1, "policy")
+    print(f"2-rank gloo train stage took {time.time() - start:.1f}s")
+    assert launched["skipped"] is False and launched["rows"] == single["rows"] == 3
+    assert launched["reward_phase"] == single["reward_phase"]
 
-    from spark_core.config import TinyModelConfig
-    from spark_core.models import build_tiny
-    from spark_core.trainer import Trainer
+    stage = "policy_checkpoint" if single["reward_phase"] else "checkpoint"
+    for name in ("train/phase=policy", stage):
+        a, b = Path(store.stage_uri(RUN, 1, name)), Path(Store(str(two)).stage_uri(RUN, 1, name))
+        assert _files(a).keys() == _files(b).keys(), name  # one set of files, nothing from a second rank
+    rows_1 = store.read_table(store.stage_uri(RUN, 1, "train/phase=policy")).to_pylist()
+    rows_2 = Store(str(two)).read_table(Store(str(two)).stage_uri(RUN, 1, "train/phase=policy")).to_pylist()
+    for r1, r2 in zip(rows_1, rows_2, strict=True):
+        assert (r1["step"], r1["num_sequences"], r1["num_tokens"]) == (r2["step"], r2["num_sequences"], r2["num_tokens"])
+        for key in ("loss", "pg_loss", "kl", "grad_norm", "lr", "mean_reward", "clip_frac"):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-6), key
 
-    model, tok = build_tiny(TinyModelConfig())
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
-    Trainer(model, tok, rank.TRAIN, "cpu", total_steps=4).train_phase(rank.make_rows(len(tok)), "policy")
-    expected = model.state_dict()
-    assert result["state"].keys() == expected.keys()
-    assert any(not torch.equal(initial[k], expected[k]) for k in expected)  # the step did change weights
-    for key, value in expected.items():
-        torch.testing.assert_close(result["state"][key], value, atol=2e-6, rtol=1e-5, msg=key)
-    print(f"2-rank gloo run took {time.time() - start:.1f}s")
+    ck_1, ck_2 = Path(store.stage_uri(RUN, 1, stage)), Path(Store(str(two)).stage_uri(RUN, 1, stage))
+    w1, w2 = load_file(str(ck_1 / "model.safetensors")), load_file(str(ck_2 / "model.safetensors"))
+    w0 = load_file(str(Path(store.stage_uri(RUN, 0, "checkpoint")) / "model.safetensors"))
+    assert w1.keys() == w2.keys() and any(not torch.equal(w0[k], w1[k]) for k in w1)
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5, msg=key)
+    s1 = torch.load(ck_1 / "trainer_state" / "trainer_state.pt", weights_only=True)
+    s2 = torch.load(ck_2 / "trainer_state" / "trainer_state.pt", weights_only=True)
+    assert s1["global_step"] == s2["global_step"] == 3
+    assert s1["optimizer"]["param_groups"] == s2["optimizer"]["param_groups"]
+    for i, entry in s1["optimizer"]["state"].items():
+        torch.testing.assert_close(s2["optimizer"]["state"][i]["exp_avg_sq"], entry["exp_avg_sq"], rtol=1e-3, atol=1e-12)
+
+
+def test_the_train_task_launches_ranks_only_when_configured(
+    tiny_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """inprocess runs the stage here; a launcher frees this process's model first and hands the stage to
+    `launch_train_stage`; a finished stage is never launched again."""
+    from spark_core import stages as S
+    from tasks import train as T
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(S, "train_policy", lambda cfg, store, run_id, it: calls.append(("inprocess", it)) or {"x": 1})
+    monkeypatch.setattr(distributed, "launch_train_stage",
+                        lambda cfg, store, run_id, it, phase: calls.append(("launch", phase)) or {"y": 2})
+    ws = S.workspace()
+    ws.model = object()  # stands for a loaded model that the ranks would otherwise compete with
+    cfg = tiny_cfg.model_copy(deep=True)
+    assert T.run_train_stage(cfg, str(tmp_path), "r", 1, "policy") == {"x": 1}
+    assert ws.model is not None
+    cfg.train.launcher = "torchrun"
+    assert T.run_train_stage(cfg, str(tmp_path), "r", 1, "reward") == {"y": 2}
+    assert ws.model is None and calls == [("inprocess", 1), ("launch", "reward")]
+
+    import pyarrow as pa
+
+    from spark_core.schemas import TRAIN
+    from spark_core.store import Store
+
+    store = Store(str(tmp_path))
+    store.write_table(store.stage_uri("r", 2, S.TRAIN_POLICY), pa.Table.from_pylist([], schema=TRAIN))
+    assert T.run_train_stage(cfg, str(tmp_path), "r", 2, "policy") == {"x": 1}  # done: no ranks started
+    assert calls[-1] == ("inprocess", 2)
 
 
 def test_entry_point_names_a_missing_run(tmp_path: Path) -> None:
@@ -123,15 +187,3 @@ def test_entry_point_names_a_missing_run(tmp_path: Path) -> None:
     with pytest.raises(StageError, match="run 'nope' does not exist"):
         distributed.main(["--store", str(tmp_path), "--run-id", "nope", "--iteration", "1", "--phase", "policy"])
     assert not distributed.current().enabled
-
-
-def test_entry_point_refuses_ranks_until_the_stages_are_rank_aware(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from spark_core import stages
-
-    if getattr(stages, "DISTRIBUTED_READY", False):
-        pytest.skip("the stages declare themselves rank-aware")
-    monkeypatch.setattr(distributed, "init_distributed", lambda: distributed.DistContext(rank=0, world_size=2))
-    with pytest.raises(DistributedError, match="DISTRIBUTED_READY"):
-        distributed.main(["--store", str(tmp_path), "--run-id", "r", "--iteration", "1", "--phase", "reward"])

@@ -195,16 +195,49 @@ def test_seeds_are_per_stage_and_stable() -> None:
 def test_hf_engine_sampling_is_reproducible(tiny_cfg: SparkConfig, tmp_path: Path) -> None:
     """The real in-process engine: deleting `samples` and re-sampling in a new process-like workspace
     gives the same completions and token ids."""
+    from spark_core.engines.hf import HFEngine
+
     cfg = make_cfg(tiny_cfg, tmp_path)
     store = Store(str(tmp_path))
     S.init_run(cfg, store, "hf", S.Workspace())
-    S.sample_policy(cfg, store, "hf", 1, S.Workspace())
+    ws = S.Workspace()
+    S.sample_policy(cfg, store, "hf", 1, ws)
+    assert isinstance(ws.engine, HFEngine) and ws.engine.model is ws.model  # shares the trainer's model
     uri = store.stage_uri("hf", 1, "samples")
     first = store.read_table(uri)
     assert first.num_rows == cfg.sampling.questions_per_iteration * cfg.sampling.n
     store.delete(uri)
     S.sample_policy(cfg, store, "hf", 1, S.Workspace())
     assert store.read_table(uri).equals(first)
+
+
+def test_openai_engine_config_samples_from_the_server(tiny_cfg: SparkConfig, tmp_path: Path) -> None:
+    """sampling.engine=openai goes through engines.factory: the stage's prompts reach the (stand-in)
+    OpenAI-compatible server with the configured model name, and its token ids land in `samples`."""
+    from test_openai_engine import StandIn, start_standin
+
+    from spark_core.engines.openai import OpenAIEngine
+
+    state = StandIn(honour_n=True, token_ids=True)
+    server, url = start_standin(state)
+    try:
+        cfg = make_cfg(tiny_cfg, tmp_path)
+        cfg.sampling.engine = "openai"
+        cfg.sampling.openai_base_url = url
+        cfg.sampling.openai_model = "standin-model"
+        store = Store(str(tmp_path))
+        ws = S.Workspace()
+        S.init_run(cfg, store, "oa", ws)
+        S.sample_policy(cfg, store, "oa", 1, ws)
+        assert isinstance(ws.engine, OpenAIEngine)
+        samples = store.read_table(store.stage_uri("oa", 1, "samples")).to_pylist()
+        requests = [r for r in state.requests if r["path"] == "/v1/completions"]
+        assert {r["model"] for r in requests} == {"standin-model"}
+        assert sorted(r["prompt"] for r in requests) == sorted(row["prompt"] for row in samples if row["sample_idx"] == 0)
+        assert len(samples) == cfg.sampling.questions_per_iteration * cfg.sampling.n
+        assert all(row["completion_ids"] for row in samples)
+    finally:
+        server.shutdown()
 
 
 def test_lora_checkpoints_reload_into_the_same_model(tiny_cfg: SparkConfig, tmp_path: Path) -> None:

@@ -246,3 +246,131 @@ def test_resume_with_a_longer_plan_uses_the_new_schedule(tmp_path):
     assert row["lr"] == pytest.approx(1e-2 * lr_factor(1, 40, 0.0, 0.1))
     with pytest.raises(FileNotFoundError, match="trainer_state.pt"):
         longer.load_state(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------- speed paths, sharding
+
+
+def _count_scores(trainer: Trainer) -> list[str]:
+    """Record which model each no-grad scoring pass ran on ('policy' or 'ref')."""
+    calls: list[str] = []
+    score = trainer._score
+
+    def counted(model, seqs, chunks=None):
+        calls.append("ref" if model is trainer.ref_model else "policy")
+        return score(model, seqs, chunks)
+
+    trainer._score = counted  # type: ignore[method-assign]
+    return calls
+
+
+def test_one_step_phase_reuses_the_training_logp_with_the_same_update(monkeypatch):
+    """One mini-batch, one epoch: old log-probs come from the training forward itself (no extra pass),
+    and the update equals the one with a separate recompute."""
+    rows = rollouts(7)
+    results = {}
+    for reuse in (True, False):
+        model = tiny_model()
+        trainer = Trainer(model, CharTokenizer(), cfg(kl_coef=0.05, micro_batch_size=5), "cpu", total_steps=4,
+                          ref_model=tiny_model(seed=3))
+        calls = _count_scores(trainer)
+        if not reuse:
+            monkeypatch.setattr(trainer, "_reuses_current_logp", lambda plan: False)
+        out = trainer.train_phase(rows, "policy")
+        results[reuse] = (out, weights(model), calls)
+    (fast, w_fast, calls_fast), (slow, w_slow, calls_slow) = results[True], results[False]
+    assert calls_fast == ["ref"] and calls_slow == ["policy", "ref"]
+    assert fast[0]["clip_frac"] == 0.0 and fast[0]["kl"] > 0
+    for key in ("loss", "pg_loss", "kl", "grad_norm", "clip_frac"):
+        assert fast[0][key] == pytest.approx(slow[0][key], rel=1e-6, abs=1e-9), key
+    for k in w_fast:
+        torch.testing.assert_close(w_fast[k], w_slow[k], rtol=1e-6, atol=1e-8)
+
+
+def test_several_steps_recompute_old_logp_once_and_reference_once():
+    trainer = Trainer(tiny_model(), CharTokenizer(), cfg(kl_coef=0.05, mini_batch_size=5, epochs=2), "cpu",
+                      total_steps=10, ref_model=tiny_model(seed=3))
+    calls = _count_scores(trainer)
+    out = trainer.train_phase(rollouts(8), "policy")  # 12 sequences: 3 mini-batches x 2 epochs
+    assert len(out) == 6 and calls == ["policy", "ref"]
+    assert out[0]["clip_frac"] == 0.0  # the first step still sees ratio 1
+
+
+def test_completion_logprobs_ignore_padding_and_batch_company():
+    """Left padding with explicit position ids: a sequence scores the same alone or padded in a batch,
+    and the values are the model's log-softmax at the completion positions."""
+    from spark_core.trainer import _collate, _Sequence, completion_logprobs
+
+    model = tiny_model().eval()
+    seqs = [_Sequence([3, 4, 5, 6, 7, 8, 9], 4, 0.0, 0.0), _Sequence([10, 11, 12], 2, 0.0, 0.0),
+            _Sequence([13, 14, 15, 16, 17], 1, 0.0, 0.0)]
+    with torch.no_grad():
+        together = completion_logprobs(model, _collate(seqs, torch.device("cpu"), 0), temperature=0.7)
+        for i, s in enumerate(seqs):
+            alone = completion_logprobs(model, _collate([s], torch.device("cpu"), 0), temperature=0.7)[0]
+            torch.testing.assert_close(together[i, together.shape[1] - s.num_tokens :], alone, rtol=1e-5, atol=1e-6)
+            assert torch.all(together[i, : together.shape[1] - s.num_tokens] == 0)
+            logits = model(input_ids=torch.tensor([s.ids])).logits[0] / 0.7
+            direct = torch.log_softmax(logits, -1)[torch.arange(s.prompt_len - 1, len(s.ids) - 1),
+                                                   torch.tensor(s.ids[s.prompt_len:])]
+            torch.testing.assert_close(alone, direct, rtol=1e-5, atol=1e-6)
+
+
+def test_every_rank_runs_the_same_number_of_micro_batches():
+    """DDP/FSDP collectives need equal forward/backward counts: short shards get empty fillers."""
+    from spark_core import distributed
+    from spark_core.trainer import _micro_batches, _Sequence, lockstep_micro_batches
+
+    batch = [_Sequence(list(range(1, 3 + i)), 1, 1.0, 1.0) for i in range(7)]
+    assert lockstep_micro_batches(7, 2, 3) == 2 and lockstep_micro_batches(7, 1, 3) == 3
+    assert lockstep_micro_batches(1, 4, 8) == 1  # ranks without a share still run one (filler) pass
+    counts = []
+    for rank in (0, 1):
+        shard = distributed.shard(batch, distributed.DistContext(rank=rank, world_size=2))
+        micros = _micro_batches(shard, 3, lockstep_micro_batches(7, 2, 3), batch[0])
+        counts.append(len(micros))
+        real = [s for m in micros for s in m if s.num_tokens]
+        assert sorted(id(s) for s in real) == sorted(id(s) for s in shard)  # each shard member exactly once
+        assert all(len(m) <= 3 for m in micros)
+    assert counts == [2, 2]
+    shard = distributed.shard(batch[:1], distributed.DistContext(rank=1, world_size=2))
+    (filler,), = _micro_batches(shard, 3, 1, batch[0])
+    assert shard == [] and filler.num_tokens == 0
+
+
+def test_a_filler_micro_batch_adds_nothing_to_the_loss_or_gradient():
+    from spark_core.grpo import grpo_loss
+    from spark_core.trainer import _collate, _filler, _Sequence, completion_logprobs
+
+    model = tiny_model()
+    b = _collate([_filler(_Sequence([5, 6, 7], 1, 1.0, 1.0))], torch.device("cpu"), 0)
+    logp = completion_logprobs(model, b)
+    loss, stats = grpo_loss(logp, logp.detach(), b.advantages, b.completion_mask, num_tokens=10)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and stats == {"pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def test_optimizer_state_names_round_trip():
+    """The FSDP save path gathers a name-keyed optimizer state and writes the single-process format."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from spark_core.trainer import optimizer_state_to_indexed, optimizer_state_to_named
+
+    model = tiny_model()
+    model.model.embed_tokens.weight.requires_grad_(False)  # names must skip frozen parameters
+    trainer = Trainer(model, CharTokenizer(), cfg(), "cpu", total_steps=4)
+    assert "model.embed_tokens.weight" not in trainer._param_names
+    trainer.train_phase(rollouts(9), "policy")
+    named = get_optimizer_state_dict(trainer.model, trainer.optimizer)
+    indexed = optimizer_state_to_indexed(named, trainer._param_names)
+    plain = trainer.optimizer.state_dict()
+    assert indexed["param_groups"] == plain["param_groups"]
+    assert indexed["state"].keys() == plain["state"].keys()
+    for i, entry in plain["state"].items():
+        for key, value in entry.items():
+            torch.testing.assert_close(indexed["state"][i][key], value)
+    back = optimizer_state_to_named(indexed, trainer._param_names)
+    assert back["param_groups"] == named["param_groups"] and back["state"].keys() == named["state"].keys()
+    with pytest.raises(ValueError, match="does not train"):
+        optimizer_state_to_indexed(named, trainer._param_names[1:])

@@ -86,7 +86,7 @@ def _files(root: Path) -> dict[str, int]:
             if p.is_file() and p.name != "_SUCCESS.json"}
 
 
-@pytest.mark.slow  # two ranks each import torch + transformers and load the model twice: ~60 s on 2 cores
+@pytest.mark.slow  # two ranks each import torch + transformers and load two models: 15-50 s on 2 shared cores
 def test_two_gloo_ranks_run_the_train_stage_like_one_process(
     tiny_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

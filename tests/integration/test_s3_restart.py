@@ -41,15 +41,17 @@ def test_iteration_survives_s3_restart(worker, prefect_api, deployed, s3):
     stack.kill_s3()
     assert not stack.s3_healthy()
     time.sleep(OUTAGE_S)  # the flow run's reads, writes and lease renewals now fail and back off
+    # Taken before the restart: the task's retry may succeed as soon as the S3 port answers, before
+    # start_s3's own health check returns.
+    restart_at = datetime.now(timezone.utc)
     TIMINGS["S3 restart: weed back up after"] = stack.start_s3()
-    back_at = datetime.now(timezone.utc)
 
     wait_flow_run(prefect_api, run["id"], stack, timeout_s=420)
     TIMINGS["S3 restart test: trigger -> Completed"] = time.monotonic() - start
-    # The task that was running when S3 died finished only after it came back: it rode out the outage.
+    # The task that was running when S3 died finished only after the restart began: it rode out the outage.
     [sampling] = [t for t in task_runs(prefect_api, run["id"]) if t["name"] == "sample-policy-it1"]
     assert sampling["state_type"] == "COMPLETED"
-    assert datetime.fromisoformat(sampling["end_time"].replace("Z", "+00:00")) > back_at
+    assert datetime.fromisoformat(sampling["end_time"].replace("Z", "+00:00")) > restart_at
     root = run_root(store_uri, run_id)
     done = manifests(s3, root)
     for stage in ("samples", "verified", "train/phase=policy", "checkpoint"):

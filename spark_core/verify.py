@@ -129,12 +129,7 @@ def normalize_answer(text: str) -> str:
     whitespace, a trailing ``.``, a leading ``+`` and thousands separators of a plain number, and writes
     ``\\dfrac`` as ``\\frac``.
     """
-    s = text
-    for _ in range(_WRAPPER_PASSES):
-        unwrapped = _WRAPPER.sub(r"\1", s)
-        if unwrapped == s:
-            break
-        s = unwrapped
+    s = _unwrap(text)
     s = s.replace("$", "")
     s = _SPACING.sub("", s)
     s = _SIZING.sub("", s)
@@ -282,17 +277,24 @@ def verify(completion: str, gold: str) -> VerifyResult:
 _CHOICE_STRIP = re.compile(r"[*$\s]|\\[,;:! ]")
 _CHOICE_EDGES = "()[]{}.:;,!"
 _CHOICE_CANON = {"yes": "Yes", "no": "No", "a": "A", "b": "B"}
-_CHOICE_MAX_CHARS = 200  # a label is a word; longer boxes are wrong without further work
 
 
-def _normalize_choice(text: str) -> str:
+def _unwrap(text: str) -> str:
+    """Strip `\\text{...}`-like wrappers, nested ones included (bounded passes)."""
     s = text
     for _ in range(_WRAPPER_PASSES):
         unwrapped = _WRAPPER.sub(r"\1", s)
         if unwrapped == s:
             break
         s = unwrapped
-    s = _CHOICE_STRIP.sub("", s)
+    return s
+
+
+_CHOICE_MAX_CHARS = 200  # a label is a word; longer boxes are wrong without further work
+
+
+def _normalize_choice(text: str) -> str:
+    s = _CHOICE_STRIP.sub("", _unwrap(text))
     return s.strip(_CHOICE_EDGES).casefold()
 
 

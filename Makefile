@@ -28,8 +28,17 @@ install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/spark run --preset smollm2-arith --iterations $(ITERATIONS) --store $(STORE)
 
+# The integration tests spend much of their time waiting on servers and flow runs, so the unit tests run
+# alongside them (two pytest processes, own ports and temporary folders); the unit log is printed after.
+TEST_LOG ?= .pytest-unit.log
 test: install
-	$(PY) -m pytest -q tests
+	@echo "tests/unit + tests/gpu run in the background (log: $(TEST_LOG)); tests/integration here"
+	@$(PY) -m pytest -q --durations=15 tests/unit tests/gpu > $(TEST_LOG) 2>&1 & unit=$$!; \
+	$(PY) -m pytest -q --durations=10 tests/integration; integration=$$?; \
+	wait $$unit; unit=$$?; \
+	echo "==================== tests/unit + tests/gpu ===================="; cat $(TEST_LOG); \
+	echo "tests/integration exit $$integration, tests/unit + tests/gpu exit $$unit"; \
+	test $$integration -eq 0 -a $$unit -eq 0
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit

@@ -3,8 +3,7 @@
 `deploy()` checks the server answers, creates the process work pool if it is missing, runs
 `prefect --no-prompt deploy` on the YAML from the repository root (so entrypoints resolve against this
 checkout and the pull step changes into it), then reads every deployment back from the API and checks
-that its parameter schema types `config` by the pydantic `SparkConfig` (that is what gives the UI its
-form). Nothing is built or pushed: a process worker runs the checkout in its own environment.
+that its parameter schema is one the UI's form can use (`check_parameter_schema`). Nothing is built or pushed: a process worker runs the checkout in its own environment.
 """
 
 from __future__ import annotations
@@ -85,19 +84,51 @@ def read_deployment(api_url: str, name: str) -> dict[str, Any]:
     return body
 
 
-def check_config_schema(schema: dict[str, Any], name: str) -> None:
-    """The `config` parameter must be described by SparkConfig's JSON schema (nested sections included)."""
-    prop = schema.get("properties", {}).get("config")
-    if prop is None:
-        return  # a flow without a config parameter
-    text = repr(prop)
+def form_defaults(schema: dict[str, Any], node: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the UI's Custom-run form submits when nothing is typed: every property at its schema default,
+    and every object-typed property opened and filled the same way (the worst case: each section clicked)."""
     definitions = schema.get("definitions") or schema.get("$defs") or {}
-    if "SparkConfig" not in text or "SparkConfig" not in definitions:
-        raise DeployError(f"deployment {name}: parameter `config` is not typed by SparkConfig: {prop}")
-    spark = definitions["SparkConfig"]
-    missing = {"model", "sampling", "train", "store"} - set(spark.get("properties", {}))
-    if missing:
-        raise DeployError(f"deployment {name}: SparkConfig schema lacks sections {sorted(missing)}")
+
+    def deref(n: dict[str, Any]) -> dict[str, Any]:
+        return definitions[n["$ref"].rsplit("/", 1)[-1]] if "$ref" in n else n
+
+    out = {}
+    for name, prop in (node or schema).get("properties", {}).items():
+        value = prop.get("default")
+        if value is None:
+            objects = [c for c in map(deref, prop.get("anyOf", [prop])) if "properties" in c]
+            if objects:
+                value = form_defaults(schema, objects[0])
+        out[name] = value
+    return out
+
+
+def check_parameter_schema(schema: dict[str, Any], name: str) -> None:
+    """The form the UI builds from the schema: every parameter described, `preset` a choice of the packaged
+    presets, and `overrides` typed by SparkConfigOverrides (every field null by default, so a filled-in
+    form keeps the preset's values)."""
+    from spark_core.config import PRESETS
+
+    props = schema.get("properties", {})
+    undescribed = sorted(p for p, prop in props.items() if not prop.get("description"))
+    if undescribed:
+        raise DeployError(f"deployment {name}: parameters without a description: {undescribed}")
+    if "preset" in props:
+        choices = {v for c in props["preset"].get("anyOf", [props["preset"]]) for v in c.get("enum", [])}
+        if choices != set(PRESETS):
+            raise DeployError(f"deployment {name}: parameter `preset` offers {sorted(choices)}, not {list(PRESETS)}")
+    if "overrides" in props:
+        definitions = schema.get("definitions") or schema.get("$defs") or {}
+        spark = definitions.get("SparkConfigOverrides")
+        if spark is None or "SparkConfigOverrides" not in repr(props["overrides"]):
+            raise DeployError(f"deployment {name}: parameter `overrides` is not typed by SparkConfigOverrides")
+        missing = {"model", "sampling", "train", "store"} - set(spark.get("properties", {}))
+        if missing:
+            raise DeployError(f"deployment {name}: SparkConfigOverrides lacks sections {sorted(missing)}")
+        defaulted = sorted(k for k, v in spark["properties"].items() if v.get("default") is not None)
+        if defaulted:
+            raise DeployError(f"deployment {name}: overrides with a non-null default would replace the "
+                              f"preset's values in the form: {defaulted}")
 
 
 def deploy(
@@ -139,7 +170,7 @@ def deploy(
         full = f"{flow_name(spec['entrypoint'])}/{spec['name']}"
         body = read_deployment(api, full)
         schema = body.get("parameter_openapi_schema") or {}
-        check_config_schema(schema, full)
+        check_parameter_schema(schema, full)
         schedules = len(body.get("schedules") or [])
         out.append(Deployed(full, str(body["id"]), str(body.get("work_pool_name")), schema, schedules))
     return out

@@ -3,6 +3,7 @@
 A :class:`~spark_core.config.BenchmarkConfig` names where the items come from:
 
 * ``arithmetic``: the held-out test split of the synthetic task (``cfg.data.arithmetic``), offline;
+  ``visual_arithmetic``: the same split with the expressions drawn into images (``cfg.data.visual``);
 * ``hf`` / ``file``: a Hugging Face dataset id or a local (or fsspec) Parquet/JSONL file, read with
   :func:`spark_core.data.read_questions` and the benchmark's column mapping;
 * ``preference``: (prompt, chosen, rejected) pairs for judge evaluation (:func:`load_preference_set`).
@@ -24,6 +25,13 @@ the others hold the final answer itself. RewardBench2 (``allenai/reward-bench-2`
 columns ``prompt``, ``chosen`` (a list: the first entry is used) and ``rejected`` (a list: the first
 entry is used), so set ``question_column: prompt`` for it.
 
+Multimodal math sets (MathVista-, MathVerse-style) are ``file`` (or ``hf``) benchmarks with an
+``image_column`` (image bytes, ``{"bytes"|"path": ..}`` as the HF ``Image`` feature exports, or a path
+relative to the file); e.g. a local MathVista ``testmini`` export: ``question_column: query``,
+``answer_column: answer``, ``image_column: decoded_image`` (or ``image``, a relative path). Only such
+local copies were exercised here (no hub access); free-form MathVista answers (multiple choice by
+letter/text) are verified by the same math verifier, so choice questions need answers as the model boxes them.
+
 ``limit`` keeps the first ``limit`` items, in file order, so every evaluation sees the same items.
 """
 
@@ -36,7 +44,7 @@ from typing import Any
 import pandas as pd
 
 from .config import BenchmarkConfig, SparkConfig
-from .data import Question, make_arithmetic, read_questions
+from .data import Question, make_arithmetic, make_visual_arithmetic, read_questions
 
 
 @dataclass(frozen=True)
@@ -47,12 +55,16 @@ class PreferencePair:
     chosen: str
     rejected: str
     pair_id: str = ""
+    images: tuple[bytes, ...] = ()  # the prompt's image(s) (VL-RewardBench-style sets)
 
 
 def load_benchmark(bcfg: BenchmarkConfig, cfg: SparkConfig) -> list[Question]:
     """The questions of one benchmark (at most ``bcfg.limit``)."""
-    if bcfg.source == "arithmetic":
-        questions = make_arithmetic(cfg.data.arithmetic, "test")
+    if bcfg.source in ("arithmetic", "visual_arithmetic"):
+        if bcfg.source == "arithmetic":
+            questions = make_arithmetic(cfg.data.arithmetic, "test")
+        else:
+            questions = make_visual_arithmetic(cfg.data, "test")
         return questions[: bcfg.limit] if bcfg.limit else questions
     if bcfg.source == "preference":
         raise ValueError(
@@ -72,6 +84,7 @@ def load_benchmark(bcfg: BenchmarkConfig, cfg: SparkConfig) -> list[Question]:
             answer_format=bcfg.answer_format,
             on_bad_row="error",
             max_rows=bcfg.limit,
+            image_column=bcfg.image_column,
         )
     except ValueError as err:  # read_questions names the column/row; add which benchmark it was
         raise ValueError(f"benchmark {bcfg.name!r}: {err}") from None
@@ -83,7 +96,8 @@ def load_preference_set(bcfg: BenchmarkConfig) -> list[PreferencePair]:
 
     The prompt is read from ``question_column`` (set it to ``prompt`` for RewardBench2), the responses
     from ``chosen_column`` / ``rejected_column``. A list-valued response (RewardBench2) contributes its
-    first entry. An ``id`` column, when present, becomes ``pair_id`` (else the row number).
+    first entry. An ``id`` column, when present, becomes ``pair_id`` (else the row number). With
+    ``image_column`` (VL-RewardBench-style sets) each pair carries its prompt's checked image(s).
     """
     if not bcfg.path:
         raise ValueError(f"preference set {bcfg.name!r}: path is required")
@@ -91,6 +105,8 @@ def load_preference_set(bcfg: BenchmarkConfig) -> list[PreferencePair]:
     columns = [bcfg.question_column, bcfg.chosen_column, bcfg.rejected_column]
     if bcfg.subset_column:
         columns.append(bcfg.subset_column)
+    if bcfg.image_column:
+        columns.append(bcfg.image_column)
     _check_columns(frame, columns, bcfg)
     if bcfg.subset_column and bcfg.subset_values:
         # e.g. RewardBench2's Math subset: subset_column="subset", subset_values=["Math"]
@@ -107,9 +123,25 @@ def load_preference_set(bcfg: BenchmarkConfig) -> list[PreferencePair]:
                 chosen=_text(values[bcfg.chosen_column], bcfg.chosen_column, pos, bcfg),
                 rejected=_text(values[bcfg.rejected_column], bcfg.rejected_column, pos, bcfg),
                 pair_id=pair_id,
+                images=_pair_images(values, pos, bcfg),
             )
         )
     return pairs
+
+
+def _pair_images(values: dict[str, Any], pos: int, bcfg: BenchmarkConfig) -> tuple[bytes, ...]:
+    if not bcfg.image_column:
+        return ()
+    from .images import ImageError, row_images
+
+    value = values[bcfg.image_column]
+    if hasattr(value, "tolist"):  # pandas gives numpy arrays for list cells
+        value = value.tolist()
+    base = bcfg.path.rsplit("/", 1)[0] if bcfg.path and "/" in bcfg.path else "."
+    try:
+        return row_images(value, base)
+    except ImageError as err:
+        raise ValueError(f"preference set {bcfg.name!r}: row {pos}: {err}") from None
 
 
 def _is_local_or_uri(path: str) -> bool:

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 from .config import DataConfig
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]  # content: a string, or a list of parts for image-bearing turns
 PromptFormatter = Callable[[Messages], str]
 
 
@@ -18,6 +18,8 @@ def format_prompt(tokenizer: Any, messages: Messages, use_chat_template: bool = 
     """
     if use_chat_template and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if any(not isinstance(m["content"], str) for m in messages):
+        raise ValueError("messages with image parts need the model's chat template (data.use_chat_template)")
     lines = [f"{m['role']}: {m['content']}" for m in messages]
     return "\n".join(lines) + "\nassistant:"
 
@@ -27,8 +29,9 @@ def formatter(tokenizer: Any, use_chat_template: bool = True) -> PromptFormatter
     return lambda messages: format_prompt(tokenizer, messages, use_chat_template)
 
 
-def question_messages(data: DataConfig, question: str) -> Messages:
-    """System prompt, few-shot turns, then the question with the reason-then-box instruction."""
+def question_messages(data: DataConfig, question: str, images: int = 0) -> Messages:
+    """System prompt, few-shot turns, then the question with the reason-then-box instruction; with
+    ``images``, that many image parts open the question's turn (``vision.with_images``)."""
     messages: Messages = []
     if data.system_prompt:
         messages.append({"role": "system", "content": data.system_prompt})
@@ -37,4 +40,8 @@ def question_messages(data: DataConfig, question: str) -> Messages:
         messages.append({"role": "assistant", "content": shot.answer})
     content = f"{question.rstrip()} {data.instruction}".strip() if data.instruction else question
     messages.append({"role": "user", "content": content})
+    if images:
+        from .vision import with_images
+
+        return with_images(messages, images)
     return messages

@@ -1,12 +1,12 @@
 """Training and evaluation questions: the built-in arithmetic task, local files, HF datasets, batching.
 
 Every question becomes a `Question(question_id, question, answer)` with a plain-text gold answer (what
-the verifier compares the model's last `\\boxed{}` against).
+the verifier compares the model's last `\\boxed{}` against), and for vision-language data the checked
+bytes of its image(s) (`images`; empty for text).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 from .config import ArithmeticConfig, ArithmeticLevel, DataConfig
+from .data_checks import DataError, read_file_rows, text_problem
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class Question:
     question_id: str
     question: str
     answer: str
+    images: tuple[bytes, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------- arithmetic
@@ -122,6 +124,21 @@ def make_arithmetic(cfg: ArithmeticConfig, split: Literal["train", "test"]) -> l
     return [Question(f"arith-{split}-{i:06d}", text, answer) for i, (text, answer, _) in enumerate(rows)]
 
 
+def make_visual_arithmetic(data_cfg: DataConfig, split: Literal["train", "test"]) -> list[Question]:
+    """The arithmetic questions of ``data.arithmetic`` with the expression drawn into an image
+    (``data.visual``): same splits, answers and disjointness; each image seeded by split and index."""
+    from .images import render_expression
+
+    vis = data_cfg.visual
+    out = []
+    for i, q in enumerate(make_arithmetic(data_cfg.arithmetic, split)):
+        expr = q.question.removeprefix("What is ").removesuffix("?")
+        png = render_expression(expr, f"visual-{data_cfg.arithmetic.seed}-{split}-{i}", width=vis.width,
+                                height=vis.height, font_size=vis.font_size, noise=vis.noise, jitter=vis.jitter)
+        out.append(Question(f"varith-{split}-{i:06d}", vis.question, q.answer, (png,)))
+    return out
+
+
 # ------------------------------------------------------------------------------------ answer formats
 
 
@@ -163,35 +180,6 @@ def parse_answer(raw: str, answer_format: AnswerFormat) -> str:
 # ---------------------------------------------------------------------------------------- reading
 
 
-def _read_table(path: str, max_rows: int | None) -> tuple[list[str], list[dict[str, Any]]]:
-    """Columns and rows of a local or fsspec Parquet/JSONL file (format from the extension)."""
-    import fsspec
-    import pyarrow.parquet as pq
-
-    name = path.split("?")[0].lower()
-    if name.endswith((".parquet", ".pq")):
-        with fsspec.open(path, "rb") as fh:
-            table = pq.read_table(fh)
-        if max_rows is not None:
-            table = table.slice(0, max_rows)
-        return table.column_names, table.to_pylist()
-    if name.endswith((".jsonl", ".ndjson", ".json")):
-        # Parsed with `json`, not pyarrow: a column whose type varies between rows (a number among
-        # strings) must reach the row checks below instead of failing the whole file.
-        with fsspec.open(path, "rt", encoding="utf-8") as fh:
-            text = fh.read()
-        if name.endswith(".json") and text.lstrip().startswith("["):
-            rows = json.loads(text)
-        else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        if not all(isinstance(r, dict) for r in rows):
-            raise ValueError(f"{path}: expected one JSON object per line")
-        rows = rows[:max_rows] if max_rows is not None else rows
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-        return columns, rows
-    raise ValueError(f"{path}: unsupported file type; use .parquet or .jsonl (JSON lines)")
-
-
 def _read_hf(
     path: str, hf_config: str | None, split: str, max_rows: int | None
 ) -> tuple[list[str], Iterable[dict[str, Any]]]:
@@ -220,29 +208,42 @@ def read_questions(
     answer_format: AnswerFormat = "plain",
     on_bad_row: OnBadRow = "error",
     max_rows: int | None = None,
+    reject_duplicates: bool = False,
+    image_column: str | None = None,
 ) -> tuple[list[Question], int]:
-    """Questions from a Parquet/JSONL file (local path or fsspec URI) or an HF dataset id.
+    """Questions from a Parquet/JSONL/JSON/CSV file (local path or fsspec URI) or an HF dataset id.
 
     Returns (questions, number of rows skipped). A bad row (empty question, missing or non-string
-    answer, answer not in the expected format) raises ValueError naming the row with `on_bad_row=error`
-    and is skipped and counted with `skip`. Question ids are `<name>-<row index>`.
+    answer, answer not in the expected format, text over `MAX_TEXT_CHARS`, a repeated question with
+    `reject_duplicates`) raises DataError (a ValueError) naming the file and line/row with
+    `on_bad_row=error`, and is skipped and counted with `skip`. Question ids are `<name>-<row index>`.
+    With `image_column`, each row's image(s) are read and checked too (`images.row_images`: unreadable,
+    zero-size or huge images are bad rows); a repeated question text is then no duplicate by itself.
     """
     if source == "file":
-        columns, rows = _read_table(path, max_rows)
+        columns, rows, labels = read_file_rows(path, max_rows)
     elif source == "hf":
         columns, rows = _read_hf(path, hf_config, split, max_rows)
+        labels = None
     else:
         raise ValueError(f"source must be 'hf' or 'file', got {source!r}")
-    for col, role in ((question_column, "question_column"), (answer_column, "answer_column")):
+    wanted = ((question_column, "question_column"), (answer_column, "answer_column"))
+    for col, role in wanted + (((image_column, "image_column"),) if image_column else ()):
         if col not in columns:
-            raise ValueError(
+            raise DataError(
                 f"{path}: column {col!r} ({role}) not found; available columns: {', '.join(columns)}"
             )
 
     prefix = _id_prefix(source, path, split)
+    base = path.rsplit("/", 1)[0] if source == "file" and "/" in path else ("." if source == "file" else None)
+    if image_column:  # visual questions share texts ("What is shown?"); their images tell them apart
+        seen_images: dict[str, str] = {} if reject_duplicates else None  # type: ignore[assignment]
+        reject_duplicates = False
     questions: list[Question] = []
     skipped = 0
+    seen: dict[str, str] | None = {} if reject_duplicates else None  # question -> where it first was
     for index, row in enumerate(rows):
+        where = labels[index] if labels is not None else f"row {index}"
         question, raw_answer = row.get(question_column), row.get(answer_column)
         try:
             if not isinstance(question, str) or not question.strip():
@@ -253,23 +254,43 @@ def read_questions(
                 raise ValueError(
                     f"answer in column {answer_column!r} is {type(raw_answer).__name__}, not a string"
                 )
+            if (problem := text_problem(question, raw_answer, seen, where)) is not None:
+                raise ValueError(problem)
             answer = parse_answer(raw_answer, answer_format)
+            images = _row_images(row.get(image_column), base, question, seen_images, where) if image_column else ()
         except ValueError as err:
             if on_bad_row == "error":
-                raise ValueError(f"{path}: row {index}: {err} (set on_bad_row: skip to skip such rows)") from None
+                raise DataError(f"{path}: {where}: {err} (set on_bad_row: skip to skip such rows)") from None
             skipped += 1
             continue
-        questions.append(Question(f"{prefix}-{index:06d}", question, answer))
+        questions.append(Question(f"{prefix}-{index:06d}", question, answer, images))
     return questions, skipped
+
+
+def _row_images(value: Any, base: str | None, question: str, seen: dict[str, str] | None,
+                where: str) -> tuple[bytes, ...]:
+    """A row's checked images; with ``seen``, the same question text with the same images is a duplicate."""
+    import hashlib
+
+    from .images import row_images
+
+    images = row_images(value, base)
+    if seen is not None:
+        key = hashlib.sha256(" ".join(question.split()).encode() + b"".join(images)).hexdigest()
+        if key in seen:
+            raise ValueError(f"duplicate question (same text and image as {seen[key]})")
+        seen[key] = where
+    return images
 
 
 def load_training_questions(data_cfg: DataConfig) -> list[Question]:
     """The training questions a run samples from (arithmetic train split, a file, or an HF dataset)."""
-    if data_cfg.source == "arithmetic":
-        questions = make_arithmetic(data_cfg.arithmetic, "train")
+    if data_cfg.source in ("arithmetic", "visual_arithmetic"):
+        make = make_arithmetic if data_cfg.source == "arithmetic" else make_visual_arithmetic
+        questions = make(data_cfg.arithmetic if data_cfg.source == "arithmetic" else data_cfg, "train")  # type: ignore[arg-type]
         return questions[: data_cfg.max_rows] if data_cfg.max_rows else questions
     if not data_cfg.path:
-        raise ValueError(f"data.path is required when data.source is {data_cfg.source!r}")
+        raise DataError(f"data.path is required when data.source is {data_cfg.source!r}")
     questions, skipped = read_questions(
         data_cfg.source,
         data_cfg.path,
@@ -280,12 +301,32 @@ def load_training_questions(data_cfg: DataConfig) -> list[Question]:
         answer_format=data_cfg.answer_format,
         on_bad_row=data_cfg.on_bad_row,
         max_rows=data_cfg.max_rows,
+        reject_duplicates=True,
+        image_column=data_cfg.image_column,
     )
     if skipped:
         log.warning("%s: skipped %d bad rows, kept %d questions", data_cfg.path, skipped, len(questions))
     if not questions:
-        raise ValueError(f"{data_cfg.path}: no usable questions")
+        raise DataError(f"{data_cfg.path}: no usable questions")
     return questions
+
+
+def check_data_source(data_cfg: DataConfig) -> int:
+    """Open and validate the training questions a run would use; the number of usable questions.
+
+    Raises DataError naming the file and line/row. Cheap next to a run (one read of the file), and run
+    before any server, model or task starts so a bad file fails in seconds, not after start-up.
+    """
+    try:
+        return len(load_training_questions(data_cfg))
+    except DataError:
+        raise
+    except ValueError as err:  # the row checks' messages already name the file and row
+        raise DataError(str(err)) from None
+    except Exception as err:  # noqa: BLE001 - `datasets` raises many kinds; all mean "cannot use it"
+        if data_cfg.source != "hf":
+            raise
+        raise DataError(f"{data_cfg.path}: cannot load the HF dataset ({type(err).__name__}: {err})") from None
 
 
 # ---------------------------------------------------------------------------------------- batching

@@ -12,6 +12,11 @@ JSON-able summary:
 ``wrong_to_right``             questions reflection turned from wrong to correct (None if off)
 ``judge_precision/recall/f1``  the model judging its own a0, "a0 is correct" = positive class
 ``judge_accuracy``             share of those judgments that match the verifier
+``judge_balanced_accuracy``    mean of the Yes-rate on right a0 and the No-rate on wrong a0 (0.5 for
+                               any constant judge; an unparsed verdict counts as neither Yes nor No)
+``judge_yes_share``            share of Yes among the parsed verdicts
+``verdict_parse_rate``         share of judgments with a readable Yes/No (unparsed ones are reported
+                               here, apart from wrong ones, and count as wrong in the other metrics)
 ``judge_n``                    a0 answers judged (a0 without a boxed answer is not shown to the judge)
 ``judge_n_unparsed``           judgments without a readable Yes/No (counted as wrong judgments)
 ``n_no_answer``                questions whose a0 has no extractable final answer
@@ -20,12 +25,17 @@ JSON-able summary:
 ``pairwise_acc_correct_first`` the same pairs with the correct answer shown as (A)
 ``pairwise_acc_correct_second`` ... and as (B); the gap between the two exposes position bias
 ``pairwise_n``                 pairs found (questions with both a correct and a wrong own answer)
+``pairwise_parse_rate``        share of pairwise verdicts (both orders) with a readable A/B
 ``avg_at_k``                   mean accuracy of ``avg_k`` samples at ``avg_temperature`` (None if 0)
 =============================  ==================================================================
 
 Zero-division convention: a ratio whose denominator is 0 (no predicted positives, no true positives,
 no items) is reported as 0.0, not NaN, so summaries stay JSON-able and plots stay drawable; the
 ``*_n`` counts tell an empty result from a bad one. Pairwise accuracies are None when no pair exists.
+
+Per-question rows (:data:`EVAL_ROWS`: the :data:`spark_core.schemas.EVAL` columns, then
+``pairwise_correct``, the verdict of the question's one shuffled pairwise presentation, null when the
+question has no pair) let readers recompute every metric on any subset, e.g. a paired bootstrap.
 
 ``evaluate_preference`` scores a judge on external (prompt, chosen, rejected) pairs (RewardBench2
 style), each pair shown in both orders.
@@ -43,14 +53,22 @@ from . import prompts, schemas
 from .benchmarks import PreferencePair
 from .config import EvalConfig
 from .data import Question
+from .demonstrations import RolePrompts, build_messages
 from .engines.base import Engine, SamplingParams
 from .reflection import ReflectionTrace, judge_batch, parse_verdict, self_reflect_batch
-from .verify import VerifyResult, verify_batch
+from .verify import VerifyResult
+from .verify_pool import verify_batch
+from .images import image_ref
+from .vision import with_images
 
 Messages = list[dict[str, str]]
 # Verification outcomes that say nothing about correctness: scored wrong for accuracy (the answer was
 # not shown to be right), but never used to build a judge pair whose label would then be a guess.
 UNKNOWN_STATUSES = frozenset({"timeout", "error"})
+
+# Per-question rows of `evaluate_benchmark`: the EVAL contract, then the question's pairwise verdict
+# (its one shuffled presentation) judged right or wrong, null when the question had no right/wrong pair.
+EVAL_ROWS = pa.schema(list(schemas.EVAL) + [("pairwise_correct", pa.bool_())])
 
 # Per-pair rows of `evaluate_preference` (no pipeline stage reads them, so they live here).
 PREFERENCE_EVAL = pa.schema(
@@ -80,11 +98,18 @@ def accuracy(flags: Sequence[bool]) -> float:
 
 
 def binary_judge_metrics(predicted_yes: Sequence[bool | None], truth: Sequence[bool]) -> dict[str, float | int]:
-    """Precision, recall, F1 and accuracy of Yes/No verdicts, "the answer is correct" being positive.
+    """Precision, recall, F1, accuracy and balanced accuracy of Yes/No verdicts, "the answer is
+    correct" being positive, with the parse rate and the Yes-share.
 
     ``predicted_yes[i]`` is True for Yes, False for No and None for an unparsed verdict. An unparsed
     verdict is a wrong judgment whatever the truth: on a correct answer it counts as a false
-    negative, on a wrong answer as a false positive. Zero denominators give 0.0.
+    negative, on a wrong answer as a false positive. It is also counted apart: ``parse_rate`` is the
+    share of readable verdicts and ``yes_share`` the share of Yes among the readable ones.
+
+    ``balanced_accuracy`` is the mean of the Yes-rate on correct answers and the No-rate on wrong ones
+    (an unparsed verdict is neither, so it lowers the rate of its class): 0.5 for any judge that
+    ignores its input (always Yes, always No, a coin), where accuracy and F1 reward a constant Yes on
+    a mostly-correct solver. With one class absent it is that class's rate. Zero denominators give 0.0.
     """
     if len(predicted_yes) != len(truth):
         raise ValueError(f"{len(predicted_yes)} verdicts for {len(truth)} truths")
@@ -104,11 +129,18 @@ def binary_judge_metrics(predicted_yes: Sequence[bool | None], truth: Sequence[b
     precision = _ratio(tp, tp + fp)
     recall = _ratio(tp, tp + fn)
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    rates = [_ratio(tp, tp + fn)] if tp + fn else []
+    rates += [_ratio(tn, tn + fp)] if tn + fp else []
+    n_parsed = len(truth) - unparsed
+    n_yes = sum(1 for pred in predicted_yes if pred is True)
     return {
         "precision": precision,
         "recall": recall,
         "f1": f1,
         "accuracy": _ratio(tp + tn, len(truth)),
+        "balanced_accuracy": sum(rates) / len(rates) if rates else 0.0,
+        "parse_rate": _ratio(n_parsed, len(truth)),
+        "yes_share": _ratio(n_yes, n_parsed),
         "n": len(truth),
         "n_unparsed": unparsed,
     }
@@ -155,22 +187,38 @@ def _pairwise_judgments(
     context_mode: str,
     max_new_tokens: int,
     seed: int,
+    roles: RolePrompts | None = None,
+    images: Sequence[Sequence[bytes]] | None = None,
 ) -> list[tuple[tuple[str, str | None], tuple[str, str | None]]]:
     """Judge (question, first, first_answer, second, second_answer) pairs in both orders.
 
-    Returns, per pair, (reply, verdict) with the first response shown as (A), then as (B)."""
+    Returns, per pair, (reply, verdict) with the first response shown as (A), then as (B). Prompts are
+    built as for pairwise reward items (``roles``: system prompt and demonstrations)."""
     texts: list[str] = []
-    for question, first, first_ans, second, second_ans in items:
-        for a, a_ans, b, b_ans in ((first, first_ans, second, second_ans), (second, second_ans, first, first_ans)):
-            jp = prompts.pairwise_judgment(question, a, a_ans, b, b_ans, context_mode=context_mode, template_index=0)
-            texts.append(format_prompt(jp.messages))
+    for k, (question, first, first_ans, second, second_ans) in enumerate(items):
+        for order, (a, a_ans, b, b_ans) in enumerate(
+            ((first, first_ans, second, second_ans), (second, second_ans, first, first_ans))
+        ):
+            jp = prompts.eval_pairwise_prompt(question, a, a_ans, b, b_ans, context_mode)
+            messages = with_images(build_messages(roles, jp, seed, "pairwise", order, question),
+                                   len(images[k]) if images else 0)
+            texts.append(format_prompt(messages))
     if not texts:
         return []
     params = SamplingParams(n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed)
-    replies = [out[0].text for out in engine.generate(texts, params)]
+    both = [list(images[k]) for k in range(len(items)) for _ in range(2)] if images else None
+    replies = [out[0].text for out in _generate(engine, texts, params, both)]
     labels = prompts.PAIRWISE_LABELS
     parsed = [(r, parse_verdict(r, labels)) for r in replies]
     return [(parsed[2 * i], parsed[2 * i + 1]) for i in range(len(items))]
+
+
+def _generate(engine: Engine, texts: list[str], params: SamplingParams,
+              images: Sequence[Sequence[bytes]] | None) -> list[Any]:
+    """``engine.generate``, with ``images`` only when some prompt has an image (text engines unchanged)."""
+    if images is not None and any(images):
+        return engine.generate(texts, params, images=[list(x) for x in images])
+    return engine.generate(texts, params)
 
 
 def _trace_json(trace: ReflectionTrace) -> str:
@@ -189,8 +237,15 @@ def evaluate_benchmark(
     pairwise_k: int | None = None,
     verify_timeout_s: float | None = None,
     verify_processes: int | None = None,
+    roles: RolePrompts | None = None,
+    judge_max_new_tokens: int | None = None,
+    revision_max_new_tokens: int | None = None,
 ) -> tuple[pa.Table, dict[str, Any]]:
     """Evaluate solver and self-judge on ``questions``; returns (EVAL table, summary).
+
+    ``roles`` builds every judge and revision chat as for reward items; judgments (self and pairwise)
+    get ``judge_max_new_tokens`` and revisions ``revision_max_new_tokens`` (default: ``max_new_tokens``,
+    the answers' budget).
 
     Steps: self-reflection (greedy a0, then judge/revise up to ``eval_cfg.max_rounds``; with
     ``eval_cfg.reflection`` off only a0 and one judgment of it); verification of every attempt;
@@ -204,6 +259,7 @@ def evaluate_benchmark(
         pairwise_k = eval_cfg.pairwise_k
     texts = [q.question for q in questions]
     golds = [q.answer for q in questions]
+    images = [q.images for q in questions] if any(q.images for q in questions) else None
     n = len(questions)
     rounds = eval_cfg.max_rounds if eval_cfg.reflection else 0
     traces = self_reflect_batch(
@@ -216,6 +272,10 @@ def evaluate_benchmark(
         judge_context=eval_cfg.judge_context,
         max_new_tokens=max_new_tokens,
         seed=seed,
+        roles=roles,
+        judge_max_new_tokens=judge_max_new_tokens,
+        revision_max_new_tokens=revision_max_new_tokens,
+        images=images,
     )
     # The verdict on a0: the first judgment of the trace, or one extra judgment round when the
     # procedure itself judged nothing (reflection off, or max_rounds == 0).
@@ -229,8 +289,10 @@ def evaluate_benchmark(
             [t.rounds[0]["completion"] for t in traces],
             [t.rounds[0]["answer"] for t in traces],
             judge_context=eval_cfg.judge_context,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=judge_max_new_tokens or max_new_tokens,
             seed=seed,
+            roles=roles,
+            images=images,
         )
 
     # Verify every attempt of every trace in one call (a0 and the final answer are among them).
@@ -257,7 +319,10 @@ def evaluate_benchmark(
         params = SamplingParams(
             n=k, temperature=eval_cfg.avg_temperature, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed + 1
         )
-        outs = engine.generate([format_prompt(question_messages(texts[i])) for i in sample_for], params)
+        counts = [len(images[i]) if images else 0 for i in sample_for]
+        outs = _generate(engine, [format_prompt(with_images(question_messages(texts[i]), c))
+                                  for i, c in zip(sample_for, counts)],
+                         params, [images[i] for i in sample_for] if images else None)
         sflat = [(i, c.text) for i, out in zip(sample_for, outs) for c in out]
         sres = _verify([t for _, t in sflat], [golds[i] for i, _ in sflat], verify_timeout_s, verify_processes)
         for (i, text), res in zip(sflat, sres):
@@ -280,17 +345,20 @@ def evaluate_benchmark(
             "judge_recall": jm["recall"],
             "judge_f1": jm["f1"],
             "judge_accuracy": jm["accuracy"],
+            "judge_balanced_accuracy": jm["balanced_accuracy"],
+            "judge_yes_share": jm["yes_share"],
+            "verdict_parse_rate": jm["parse_rate"],
             "judge_n": jm["n"],
             "judge_n_unparsed": jm["n_unparsed"],
             "n_no_answer": sum(1 for t in traces if not t.first_answer),
             "mean_revisions": _ratio(sum(t.n_revisions for t in traces), n),
         }
     )
-    summary.update(
-        _pairwise_summary(
-            engine, format_prompt, texts, attempts, samples, eval_cfg, max_new_tokens=max_new_tokens, seed=seed
+    pair_summary, pair_correct = _pairwise_summary(
+            engine, format_prompt, texts, attempts, samples, eval_cfg,
+            max_new_tokens=judge_max_new_tokens or max_new_tokens, seed=seed, roles=roles, images=images,
         )
-    )
+    summary.update(pair_summary)
     summary["avg_at_k"] = avg_at_k
 
     rows = []
@@ -312,9 +380,12 @@ def evaluate_benchmark(
                 "final_correct": final_correct[i],
                 "reflection_rounds": t.n_revisions,
                 "reflection_trace": _trace_json(t),
+                "pairwise_correct": pair_correct.get(i),
+                # the question's image references (content addresses; the eval stage stores the images)
+                **({"images": [image_ref(b) for b in q.images]} if q.images else {}),
             }
         )
-    return pa.Table.from_pylist(rows, schema=schemas.EVAL), summary
+    return pa.Table.from_pylist(rows, schema=schemas.with_images(EVAL_ROWS, rows)), summary
 
 
 class _Attempt(NamedTuple):
@@ -346,20 +417,26 @@ def _pairwise_summary(
     *,
     max_new_tokens: int,
     seed: int,
-) -> dict[str, Any]:
-    empty = {"pairwise_accuracy": None, "pairwise_acc_correct_first": None, "pairwise_acc_correct_second": None}
+    roles: RolePrompts | None = None,
+    images: Sequence[Sequence[bytes]] | None = None,
+) -> tuple[dict[str, Any], dict[int, bool]]:
+    """Pairwise metrics, and per question index (those with a pair) whether its shuffled verdict was right."""
+    empty = {"pairwise_accuracy": None, "pairwise_acc_correct_first": None, "pairwise_acc_correct_second": None,
+             "pairwise_parse_rate": None}
     if not eval_cfg.pairwise:
-        return {**empty, "pairwise_n": 0}
-    items = []
+        return {**empty, "pairwise_n": 0}, {}
+    items, where = [], []
     for i, question in enumerate(texts):
         pair = _find_pair(attempts[i] + samples.get(i, []))
         if pair is not None:
             right, wrong = pair
             items.append((question, right.completion, right.answer, wrong.completion, wrong.answer))
+            where.append(i)
     if not items:
-        return {**empty, "pairwise_n": 0}
+        return {**empty, "pairwise_n": 0}, {}
     judged = _pairwise_judgments(
-        engine, format_prompt, items, context_mode=eval_cfg.judge_context, max_new_tokens=max_new_tokens, seed=seed
+        engine, format_prompt, items, context_mode=eval_cfg.judge_context, max_new_tokens=max_new_tokens, seed=seed,
+        roles=roles, images=[images[i] for i in where] if images else None,
     )
     first = [a[1] for a, _ in judged]  # correct shown as (A): label A
     second = [b[1] for _, b in judged]  # correct shown as (B): label B
@@ -370,12 +447,14 @@ def _pairwise_summary(
         swap = rng.random() < 0.5
         shuffled.append(s if swap else f)
         labels.append("B" if swap else "A")
+    per_question = {i: v is not None and v == y for i, v, y in zip(where, shuffled, labels)}
     return {
         "pairwise_accuracy": pairwise_accuracy(shuffled, labels),
         "pairwise_acc_correct_first": pairwise_accuracy(first, ["A"] * len(first)),
         "pairwise_acc_correct_second": pairwise_accuracy(second, ["B"] * len(second)),
+        "pairwise_parse_rate": _ratio(sum(1 for v in first + second if v is not None), len(first) + len(second)),
         "pairwise_n": len(items),
-    }
+    }, per_question
 
 
 def evaluate_preference(
@@ -386,6 +465,7 @@ def evaluate_preference(
     max_new_tokens: int,
     seed: int = 0,
     context_mode: str = "cot",
+    roles: RolePrompts | None = None,
 ) -> tuple[pa.Table, dict[str, Any]]:
     """Pairwise judge accuracy on (prompt, chosen, rejected) pairs, each shown in both orders.
 
@@ -395,8 +475,10 @@ def evaluate_preference(
     ``n_unparsed`` (verdicts without a readable A/B, counted wrong).
     """
     items = [(p.prompt, p.chosen, None, p.rejected, None) for p in pairs]
+    images = [p.images for p in pairs] if any(p.images for p in pairs) else None
     judged = _pairwise_judgments(
-        engine, format_prompt, items, context_mode=context_mode, max_new_tokens=max_new_tokens, seed=seed
+        engine, format_prompt, items, context_mode=context_mode, max_new_tokens=max_new_tokens, seed=seed,
+        roles=roles, images=images,
     )
     rows = []
     for p, ((reply_a, verdict_a), (reply_b, verdict_b)) in zip(pairs, judged):

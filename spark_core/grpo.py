@@ -1,5 +1,5 @@
-"""GRPO maths as pure torch functions: group advantages, the k3 KL estimator, the clipped loss and
-per-token log-probs of completions.
+"""GRPO maths as pure torch functions: group advantages, the k3 KL estimator and the clipped loss (the
+per-token log-probs of completions are ``trainer.completion_logprobs``).
 
 Conventions used throughout:
 
@@ -8,7 +8,7 @@ Conventions used throughout:
   completion tokens that are trained on and 0 on prompt and padding tokens.
 * Advantages are per sequence (``[B]``, broadcast over tokens) or already per token (``[B, T]``).
 * The loss is a TOKEN-LEVEL mean: the sum over every valid token of the batch divided by the number
-  of valid tokens, so a long completion weighs more than a short one (SPARK.md step 3). Micro-batching
+  of valid tokens, so a long completion weighs more than a short one (as in the SPARK recipe). Micro-batching
   keeps this exact by passing ``num_tokens`` = the valid tokens of the whole optimizer mini-batch to
   every micro-batch's call; the summed gradients then equal those of one big batch.
 """
@@ -23,8 +23,6 @@ import torch
 # Guard against exp() overflow in k3 when the policy drifts far from the reference; |log ratio| this
 # large never occurs in healthy training, so the clamp does not change normal values.
 _KL_LOG_RATIO_CLAMP = 20.0
-# Logits turned into float32 log-probs per chunk in sequence_logprobs (64M floats = 256 MB).
-_LOGSUMEXP_CHUNK = 64 * 1024 * 1024
 
 
 def _group_index(group_ids: Sequence[Any] | torch.Tensor, n: int) -> torch.Tensor:
@@ -124,36 +122,3 @@ def grpo_loss(
         clip_frac = float((active.to(maskf.dtype) * maskf).sum().item() / denom)
     stats = {"pg_loss": float(pg.detach().item()), "kl": kl_value, "clip_frac": clip_frac}
     return loss, stats
-
-
-def sequence_logprobs(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    completion_mask: torch.Tensor,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Log-probs of the tokens in ``input_ids`` under a causal LM, zero outside ``completion_mask``.
-
-    Output shape ``[B, T]`` aligned with ``input_ids``: ``out[b, t] = log p(ids[b, t] | ids[b, :t])``
-    (the logits at ``t-1`` scored against token ``t``); position 0 has no prediction and is 0.
-    ``temperature`` divides the logits (use the sampling temperature for exact on-policy ratios).
-    Computed in float32 a few rows at a time (at most ``_LOGSUMEXP_CHUNK`` logits per chunk) so a
-    full-vocabulary float32 copy never exists for a large batch at once.
-    """
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    targets = input_ids[:, 1:]
-    per_row = max(1, logits[0, :-1].numel()) if logits.shape[0] else 1
-    rows_per_chunk = max(1, _LOGSUMEXP_CHUNK // per_row)
-    parts = []
-    for start in range(0, input_ids.shape[0], rows_per_chunk):
-        chunk = logits[start : start + rows_per_chunk, :-1].float()
-        if temperature != 1.0:
-            chunk = chunk / temperature
-        picked = chunk.gather(-1, targets[start : start + rows_per_chunk].unsqueeze(-1)).squeeze(-1)
-        parts.append(picked - torch.logsumexp(chunk, dim=-1))
-    out = torch.cat(parts) if parts else logits.new_zeros((0, max(input_ids.shape[1] - 1, 0)))
-    out = torch.nn.functional.pad(out, (1, 0), value=0.0)
-    return out * completion_mask.to(out.dtype)

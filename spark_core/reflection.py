@@ -1,10 +1,11 @@
-"""Test-time self-reflection (SPARK.md, "Test-time self-reflection").
+"""Test-time self-reflection: answer, judge the answer with the same model, revise.
 
 The model answers, judges its own answer, and revises it when it judges it wrong:
 
 1. answer the question greedily: completion c0, boxed answer a0;
 2. ask for a pointwise Yes/No judgment of a_t (the judge sees the final answer, the reasoning or both:
-   ``judge_context``), using the first Yes/No wording of :mod:`spark_core.prompts`;
+   ``judge_context``), using the first Yes/No wording of :mod:`spark_core.prompts`, in the chat the
+   reward phase trains the judge in (:class:`spark_core.demonstrations.RolePrompts`);
 3. ``Yes`` stops with a_t; otherwise a "this answer is wrong, solve it again" prompt (the earlier
    completion shown, explicit wording) gives a_{t+1};
 4. at most ``max_rounds`` judgments and ``max_rounds`` revisions; the last revision is taken without
@@ -31,8 +32,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal, Sequence, TypedDict
 
 from . import prompts
+from .demonstrations import RolePrompts, build_messages
 from .engines.base import Engine, SamplingParams
 from .verify import extract_boxed, verify_choice
+from .vision import with_images
 
 Messages = list[dict[str, str]]
 StopReason = Literal["judged_correct", "max_rounds", "no_rounds"]
@@ -92,11 +95,16 @@ def _greedy(max_new_tokens: int, seed: int) -> SamplingParams:
     return SamplingParams(n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed)
 
 
-def _generate_one(engine: Engine, prompts_: list[str], params: SamplingParams) -> list[str]:
-    """One completion text per prompt (an empty call is skipped: engines need not accept [])."""
+def _generate_one(engine: Engine, prompts_: list[str], params: SamplingParams,
+                  images: Sequence[Sequence[bytes]] | None = None) -> list[str]:
+    """One completion text per prompt (an empty call is skipped: engines need not accept []);
+    ``images[i]``: prompt i's image bytes (vision-language questions; text calls stay as they were)."""
     if not prompts_:
         return []
-    outputs = engine.generate(prompts_, params)
+    if images is not None and any(images):
+        outputs = engine.generate(prompts_, params, images=[list(x) for x in images])
+    else:
+        outputs = engine.generate(prompts_, params)
     if len(outputs) != len(prompts_):
         raise RuntimeError(f"engine returned {len(outputs)} results for {len(prompts_)} prompts")
     return [out[0].text for out in outputs]
@@ -112,22 +120,30 @@ def judge_batch(
     judge_context: str = "both",
     max_new_tokens: int = 256,
     seed: int = 0,
+    roles: RolePrompts | None = None,
+    round_index: int = 0,
+    images: Sequence[Sequence[bytes]] | None = None,
 ) -> list[tuple[str | None, str | None]]:
     """Greedy Yes/No judgments of (question, completion, answer) triples: (judge reply, verdict).
 
     Triples without an answer are not judged and give (None, None) (see the module docstring).
+    The prompt is :func:`spark_core.prompts.self_judgment_prompt` in the chat ``roles`` builds (the
+    builder reward items use; demonstrations drawn with an rng keyed by seed, round and question).
+    ``images[i]``: question i's image bytes, shown in the judgment turn (vision-language questions).
     """
     todo = [i for i, a in enumerate(answers) if a is not None and str(a).strip()]
     texts = [
-        format_prompt(
-            prompts.pointwise_judgment(
-                questions[i], completions[i], answers[i], context_mode=judge_context, style="yes_no", template_index=0
-            ).messages
-        )
+        format_prompt(with_images(
+            build_messages(
+                roles,
+                prompts.self_judgment_prompt(questions[i], completions[i], answers[i], judge_context),
+                seed, "judge", round_index, questions[i],
+            ), len(images[i]) if images else 0,
+        ))
         for i in todo
     ]
     labels = prompts.POINTWISE_LABELS["yes_no"]  # ("Yes", "No")
-    replies = _generate_one(engine, texts, _greedy(max_new_tokens, seed))
+    replies = _generate_one(engine, texts, _greedy(max_new_tokens, seed), [images[i] for i in todo] if images else None)
     out: list[tuple[str | None, str | None]] = [(None, None)] * len(questions)
     for i, reply in zip(todo, replies):
         out[i] = (reply, parse_verdict(reply, labels))
@@ -145,12 +161,20 @@ def self_reflect_batch(
     judge_context: str = "both",
     max_new_tokens: int = 256,
     seed: int = 0,
+    roles: RolePrompts | None = None,
+    judge_max_new_tokens: int | None = None,
+    revision_max_new_tokens: int | None = None,
+    images: Sequence[Sequence[bytes]] | None = None,
 ) -> list[ReflectionTrace]:
     """Run self-reflection on every question (batched over the questions still active each round).
 
     ``question_messages`` turns a raw question into the solver's chat messages (system prompt,
     few-shot turns, instruction); ``format_prompt`` renders messages into the engine's prompt text.
-    ``golds`` is only carried into the traces; the procedure never looks at it.
+    ``roles`` builds the judge's and the reviser's chat (system prompt, demonstrations), exactly as
+    for reward items. ``max_new_tokens`` is the first answer's budget; judgments and revisions get
+    ``judge_max_new_tokens`` / ``revision_max_new_tokens`` (default: ``max_new_tokens``).
+    ``golds`` is only carried into the traces; the procedure never looks at it. ``images[i]``: question
+    i's image bytes, shown in EVERY round (first answer, each judgment, each revision).
     """
     if max_rounds < 0:
         raise ValueError(f"max_rounds must be >= 0, got {max_rounds}")
@@ -161,7 +185,9 @@ def self_reflect_batch(
         ReflectionTrace(question=q, gold=None if golds is None else golds[i]) for i, q in enumerate(questions)
     ]
 
-    first = _generate_one(engine, [format_prompt(question_messages(q)) for q in questions], params)
+    count = [len(images[i]) if images else 0 for i in range(len(questions))]
+    first = _generate_one(engine, [format_prompt(with_images(question_messages(q), count[i]))
+                                   for i, q in enumerate(questions)], params, images)
     for trace, text in zip(traces, first):
         trace.rounds.append(_round(0, text))
 
@@ -177,8 +203,11 @@ def self_reflect_batch(
             [r["completion"] for r in current],
             [r["answer"] for r in current],
             judge_context=judge_context,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=judge_max_new_tokens or max_new_tokens,
             seed=seed,
+            roles=roles,
+            round_index=t,
+            images=[images[i] for i in active] if images else None,
         )
         revise: list[int] = []
         for i, rnd, (reply, verdict) in zip(active, current, verdicts):
@@ -191,19 +220,20 @@ def self_reflect_batch(
             else:  # "No", unparsed, or nothing to judge: all ask for a revision
                 revise.append(i)
         revision_prompts = [
-            format_prompt(
-                prompts.reflection_request(
-                    questions[i],
-                    traces[i].rounds[-1]["completion"],
-                    traces[i].rounds[-1]["answer"],
-                    mode="cot",
-                    explicit=True,
-                    template_index=0,
-                ).messages
-            )
+            format_prompt(with_images(
+                build_messages(
+                    roles,
+                    prompts.revision_prompt(
+                        questions[i], traces[i].rounds[-1]["completion"], traces[i].rounds[-1]["answer"]
+                    ),
+                    seed, "revise", t, questions[i],
+                ), count[i],
+            ))
             for i in revise
         ]
-        for i, text in zip(revise, _generate_one(engine, revision_prompts, params)):
+        revision_params = _greedy(revision_max_new_tokens or max_new_tokens, seed)
+        revise_images = [images[i] for i in revise] if images else None
+        for i, text in zip(revise, _generate_one(engine, revision_prompts, revision_params, revise_images)):
             traces[i].rounds.append(_round(t + 1, text))
             traces[i].n_revisions += 1
         active = revise

@@ -1,4 +1,4 @@
-"""Reward-data construction from verified policy rollouts, and the FIFO pool (SPARK.md step 4).
+"""Reward-data construction from verified policy rollouts, and the FIFO pool.
 
 From each group of rollouts (the rows of one ``question_id``) with known correctness:
 
@@ -12,6 +12,11 @@ From each group of rollouts (the rows of one ``question_id``) with known correct
   rollout, shown whole (``cot``, probability ``reflection_cot_prob``) or as its final answer only,
   with an explicit "this is wrong" wording with probability ``reflection_explicit_prob``;
   label = the question's gold answer.
+
+With ``balance_pointwise_labels`` (not in the paper) the larger label class of an iteration's pointwise
+items is subsampled to the size of the smaller one before the cap (a stream of its own, so the other
+items are drawn exactly as without it): the paper's rule labels every all-wrong group "incorrect", and a
+policy that is right in a third of its samples then yields mostly "incorrect" items.
 
 A rollout can only be shown if its answer was extracted; an item that needs one that does not exist is
 skipped. Rollouts whose verification did not finish (``verify_status`` ``timeout`` or ``error``) have
@@ -35,7 +40,9 @@ import pyarrow as pa
 
 from . import prompts
 from .config import RewardDataConfig
-from .schemas import REWARD_ITEMS
+from .demonstrations import RolePrompts, build_messages
+from .schemas import IMAGES, REWARD_ITEMS, conform
+from .vision import with_images
 
 Messages = list[dict[str, str]]
 PromptFormatter = Callable[[Messages], str]
@@ -60,6 +67,7 @@ class _Group:
     question: str
     gold: str | None
     rollouts: tuple[_Rollout, ...]
+    images: tuple[str, ...] = ()  # the question's image references (vision-language runs)
 
     def shown(self, correct: bool) -> list[_Rollout]:
         """Rollouts of one class that can be shown (their answer was extracted)."""
@@ -77,6 +85,7 @@ class _Item:
     context_mode: str
     template_id: str
     label_style: str
+    prompt: prompts.JudgmentPrompt | prompts.ReflectionPrompt
 
 
 # ------------------------------------------------------------------------------------------ input
@@ -94,7 +103,8 @@ def _as_records(verified: pd.DataFrame | pa.Table) -> list[dict[str, Any]]:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(f"verified rollouts lack column(s): {', '.join(missing)}")
-    wanted = list(REQUIRED_COLUMNS) + (["verify_status"] if "verify_status" in table.column_names else [])
+    optional = [c for c in ("verify_status", "images") if c in table.column_names]
+    wanted = list(REQUIRED_COLUMNS) + optional
     return table.select(wanted).to_pylist()
 
 
@@ -125,7 +135,8 @@ def _groups(records: list[dict[str, Any]]) -> list[_Group]:
         )
         if rollouts:
             gold = _clean_answer(rows[0]["label"])
-            groups.append(_Group(qid, str(rows[0]["question"] or ""), gold, rollouts))
+            images = tuple(rows[0].get("images") or ())
+            groups.append(_Group(qid, str(rows[0]["question"] or ""), gold, rollouts, images))
     return groups
 
 
@@ -150,6 +161,7 @@ def _pointwise(
         context_mode=cfg.context_mode,
         template_id=p.template_id,
         label_style=style,
+        prompt=p,
     )
 
 
@@ -180,6 +192,7 @@ def _pairwise(rng: random.Random, cfg: RewardDataConfig, group: _Group, pos: int
         context_mode=cfg.context_mode,
         template_id=p.template_id,
         label_style="letter",
+        prompt=p,
     )
 
 
@@ -214,6 +227,7 @@ def _reflection_item(rng: random.Random, cfg: RewardDataConfig, group: _Group, p
         context_mode=mode,
         template_id=p.template_id,
         label_style="math",
+        prompt=p,
     )
 
 
@@ -224,16 +238,31 @@ def _cap(rng: random.Random, items: list[_Item], limit: int) -> list[_Item]:
     return [items[i] for i in keep]
 
 
+def _balance_pointwise(rng: random.Random, items: list[_Item]) -> list[_Item]:
+    """Drop pointwise items of the larger label class at random until both classes are the same size."""
+    by_class: dict[bool, list[int]] = {True: [], False: []}
+    for i, it in enumerate(items):
+        if it.kind == "pointwise":
+            by_class[it.label == it.prompt.positive_label].append(i)
+    smaller = min(len(v) for v in by_class.values())
+    dropped = {i for v in by_class.values() if len(v) > smaller for i in rng.sample(v, len(v) - smaller)}
+    return [it for i, it in enumerate(items) if i not in dropped]
+
+
 def build_reward_items(
     verified: pd.DataFrame | pa.Table,
     cfg: RewardDataConfig,
     format_prompt: PromptFormatter,
     iteration: int,
     seed: int,
+    roles: RolePrompts | None = None,
 ) -> pa.Table:
     """Judgment and reflection items from one iteration's verified rollouts (REWARD_ITEMS schema).
 
-    ``prompt`` is ``format_prompt(messages)``: the exact text the reward phase feeds the model.
+    ``prompt`` is ``format_prompt(messages)``: the exact text the reward phase feeds the model, where
+    the messages come from ``roles`` (:class:`spark_core.demonstrations.RolePrompts`: system prompt and
+    demonstrations, each item with its own rng from ``(seed, question_id, kind)``, a stream apart from
+    the item draws) or, without roles, the bare prompt turn.
     ``item_id`` is ``it{iteration:04d}-{n:05d}``, unique across iterations. Rows are ordered by source
     group (sorted question_id), a group's judgment item before its reflection item.
     """
@@ -249,26 +278,33 @@ def build_reward_items(
         if cfg.reflection and (item := _reflection_item(reflection_rng, cfg, group, pos)) is not None:
             reflections.append(item)
 
+    if cfg.balance_pointwise_labels:
+        judgments = _balance_pointwise(random.Random(f"{seed}-balance"), judgments)
     kept = _cap(cap_rng, judgments, cfg.max_judgment_items) + _cap(
         cap_rng, reflections, cfg.max_reflection_items
     )
     kept.sort(key=lambda it: (it.group_pos, it.kind == "reflection"))
+    # Every judgment and reflection item shows its question's image(s), as the policy saw them.
+    images = {g.question_id: list(g.images) for g in groups}
     rows = [
         {
             "item_id": f"it{iteration:04d}-{n:05d}",
             "kind": it.kind,
             "source_question_id": it.question_id,
             "source_sample_idx": list(it.sample_idx),
-            "prompt": format_prompt(it.messages),
+            "prompt": format_prompt(with_images(
+                build_messages(roles, it.prompt, seed, it.question_id, it.kind), len(images[it.question_id]))),
             "label": it.label,
             "context_mode": it.context_mode,
             "template_id": it.template_id,
             "label_style": it.label_style,
             "iteration": iteration,
+            **({"images": images[it.question_id]} if images[it.question_id] else {}),
         }
         for n, it in enumerate(kept)
     ]
-    return pa.Table.from_pylist(rows, schema=REWARD_ITEMS)
+    has_images = any(g.images for g in groups)
+    return pa.Table.from_pylist(rows, schema=REWARD_ITEMS.append(IMAGES) if has_images else REWARD_ITEMS)
 
 
 # ------------------------------------------------------------------------------------------- pool
@@ -278,7 +314,7 @@ def _conform(table: pa.Table, what: str) -> pa.Table:
     missing = [name for name in REWARD_ITEMS.names if name not in table.column_names]
     if missing:
         raise ValueError(f"{what} lacks reward-item column(s): {', '.join(missing)}")
-    return table.select(REWARD_ITEMS.names).cast(REWARD_ITEMS)
+    return conform(table, REWARD_ITEMS)  # keeps `images` (vision-language runs)
 
 
 def update_pool(
@@ -304,7 +340,7 @@ def update_pool(
     if merged.num_rows > max_pool_size:
         merged = merged.slice(merged.num_rows - max_pool_size)
     if merged.num_rows < batch_size:
-        return REWARD_ITEMS.empty_table(), merged
+        return merged.slice(0, 0), merged  # empty, with the pool's columns (`images` included)
     return merged.slice(0, batch_size), merged.slice(batch_size)
 
 

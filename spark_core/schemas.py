@@ -1,12 +1,31 @@
 """Column contracts of every table the pipeline writes (one place per fact).
 
 Each stage's Parquet parts carry at least these columns, in this order; extra columns may follow.
-Tests and readers import these lists instead of repeating names.
+Tests and readers import these lists instead of repeating names; which stage carries which schema is
+``spark_core.layout.TABLES``.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
+
+# Vision-language runs only: the question's image references (``<sha256>.<ext>`` under the run's
+# ``images/``, spark_core.layout.image_uri), one list per row, after a table's own columns. Text runs
+# write no such column.
+IMAGES = pa.field("images", pa.list_(pa.string()))
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` reduced to ``schema``'s columns (cast), keeping an ``images`` column when it has one."""
+    if IMAGES.name in table.column_names and IMAGES.name not in schema.names:
+        schema = schema.append(IMAGES)
+    return table.select(schema.names).cast(schema)
+
+
+def with_images(schema: pa.Schema, rows: list[dict]) -> pa.Schema:
+    """``schema`` plus the ``images`` column when any row carries images (text rows: unchanged)."""
+    return schema.append(IMAGES) if any(r.get(IMAGES.name) for r in rows) else schema
+
 
 # Policy-phase rollouts (`samples`) and the same rows after verification (`verified`).
 SAMPLES = pa.schema(
@@ -101,18 +120,3 @@ EVAL = pa.schema(
         ("reflection_trace", pa.string()),  # JSON list of {round, completion, answer, judgment_completion, verdict}
     ]
 )
-
-TABLES = {
-    "samples": SAMPLES,
-    "verified": VERIFIED,
-    "reward_items": REWARD_ITEMS,
-    "reward_pool": REWARD_ITEMS,
-    "reward_samples": REWARD_SAMPLES,
-    "reward_verified": REWARD_VERIFIED,
-    "train": TRAIN,
-    "eval": EVAL,
-}
-
-
-def empty_table(schema: pa.Schema) -> pa.Table:
-    return schema.empty_table()

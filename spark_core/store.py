@@ -1,25 +1,14 @@
-"""The object store: run layout, atomic Parquet and checkpoint writes, manifests, LATEST, run lock.
+"""The object store: atomic Parquet and checkpoint writes, manifests, LATEST, and the run lease.
 
-The store is the source of truth between stages (DESIGN.md). It works on any fsspec URI: a local folder
-(the default, nothing to start) or ``s3://bucket/prefix`` via s3fs. S3 credentials and endpoint come only
+The store is the source of truth between stages. It works on any fsspec URI: a local folder (the
+default, nothing to start) or ``s3://bucket/prefix`` via s3fs. S3 credentials and endpoint come only
 from the standard ``AWS_*`` environment variables; they are never written anywhere and are redacted
-from every error this module raises.
-
-Layout under the root::
-
-    runs/{run_id}/run.json                     resolved config, created_at, code version, config hash
-    runs/{run_id}/LATEST                       last completed iteration (an int as text)
-    runs/{run_id}/_LOCK.json                   lease of the process currently running the run
-    runs/{run_id}/iter=NNNN/{stage}/part-00000.parquet + _SUCCESS.json
-    runs/{run_id}/iter=NNNN/train/phase={policy|reward}/...
-    runs/{run_id}/iter=NNNN/checkpoint/        save_pretrained files + trainer_state/ + _SUCCESS.json
-    runs/{run_id}/iter=NNNN/eval/benchmark={name}/...
+from every error this module raises. Where each output lives is ``spark_core.layout``'s business; the
+run lease is ``spark_core.lock``.
 
 Visibility rule: a stage exists only once its ``_SUCCESS.json`` manifest does. Parts are first written
 under ``{stage}/_tmp-<uuid>/``, moved into place, and the manifest is written last; readers read exactly
-the files the manifest lists, so nobody sees half a table or half a checkpoint. Names starting with ``_``
-are also skipped by pyarrow/DuckDB hive readers, so ``runs/{id}/iter=*/samples/*.parquet`` can be read
-as one dataset with an ``iter`` column.
+the files the manifest lists, so nobody sees half a table or half a checkpoint.
 """
 
 from __future__ import annotations
@@ -28,75 +17,43 @@ import hashlib
 import io
 import json
 import os
-import re
-import shutil
-import socket
 import subprocess
-import threading
 import time
 import uuid
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-SUCCESS = "_SUCCESS.json"
-TMP_PREFIX = "_tmp-"
-LOCK_NAME = "_LOCK.json"
-_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_ITER_RE = re.compile(r"^iter=(\d{4,})$")
-_STAGE_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=-]*$")
+from . import faults, integrity
+from .layout import (
+    ITER_RE, LATEST, LOCK_NAME, RUN_ID_RE, RUN_RECORD, RUNS, STEP, STEP_RE, SUCCESS, TMP_PREFIX, hive_partitions,
+    iter_name, stage_parts,
+)
+from .checkpoint_io import CheckpointIO
+from .lock import RunLock
+from .store_errors import RunLockedError, StoreError, redact
+
+__all__ = ["RunLock", "RunLockedError", "SUCCESS", "Store", "StoreError", "redact", "validate_run_id"]
+
 _ROWS_PER_PART = 500_000
 
 T = TypeVar("T")
 
 
-class StoreError(RuntimeError):
-    """A storage problem, with any credential redacted from the message."""
-
-
-class RunLockedError(StoreError):
-    """Another process holds the run's lease."""
-
-
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def redact(text: str) -> str:
-    """Remove credential values (from the AWS_* environment) and URL user-info from a message."""
-    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN"):
-        value = os.environ.get(var)
-        if value and len(value) >= 4:
-            text = text.replace(value, "***")
-    # scheme://user:password@host -> scheme://***@host
-    return re.sub(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@", r"\1***@", text)
 
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def iter_name(iteration: int) -> str:
-    return f"iter={int(iteration):04d}"
-
-
-def train_stage(phase: str) -> str:
-    """Stage name of a training phase's metrics table (`train/phase=policy`)."""
-    return f"train/phase={phase}"
-
-
-def eval_stage(benchmark: str) -> str:
-    """Stage name of one benchmark's evaluation table (`eval/benchmark=arithmetic`)."""
-    return f"eval/benchmark={benchmark}"
-
-
 def validate_run_id(run_id: str) -> str:
-    if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id):
+    if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id):
         raise StoreError(
             f"invalid run id {run_id!r}: use letters, digits, '.', '_' or '-' (at most 128, no '/')"
         )
@@ -133,19 +90,6 @@ _NOT_TRANSIENT = (
 )
 
 
-def _pid_alive(pid: Any) -> bool:
-    """Whether a process of this machine is still running (a killed holder frees its lease at once)."""
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, TypeError, ValueError, OverflowError):
-        return True  # someone else's process, or no pid recorded: assume alive, wait for expiry
-    return True
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def _is_transient(err: BaseException) -> bool:
@@ -153,10 +97,28 @@ def _is_transient(err: BaseException) -> bool:
     return not isinstance(err, _NOT_TRANSIENT)
 
 
+def _drop_partition_columns(uri: str, table: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
+    """Drop the columns the folder names supply (`phase` under `phase=policy/`, see layout.hive_partitions);
+    return what `read_table` needs to add them back. A value that disagrees with its folder is an error."""
+    folders = hive_partitions(uri)
+    dropped: dict[str, Any] = {}
+    for index, field in enumerate(table.schema):
+        if field.name not in folders:
+            continue
+        value = folders[field.name]
+        found = {str(v) for v in table.column(field.name).to_pylist()}
+        if found - {value}:
+            raise StoreError(
+                f"{uri}: column {field.name!r} holds {sorted(found)[:5]} but the folder says {field.name}={value}"
+            )
+        dropped[field.name] = {"index": index, "value": value, "type": str(field.type)}
+    return table.drop_columns(list(dropped)), dropped
+
+
 # -------------------------------------------------------------------------------------------- store
 
 
-class Store:
+class Store(CheckpointIO):
     """A run store on an fsspec URI (local folder or s3://bucket/prefix).
 
     Public methods take and return URIs (strings) so they can cross process and Prefect boundaries.
@@ -220,7 +182,7 @@ class Store:
         return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
 
     def run_uri(self, run_id: str) -> str:
-        return self.join(self.uri, "runs", validate_run_id(run_id))
+        return self.join(self.uri, RUNS, validate_run_id(run_id))
 
     def iter_uri(self, run_id: str, iteration: int) -> str:
         if int(iteration) < 0:
@@ -229,8 +191,8 @@ class Store:
 
     def stage_uri(self, run_id: str, iteration: int, stage: str) -> str:
         """`runs/{run_id}/iter=NNNN/{stage}`; stage may be nested (`train/phase=policy`)."""
-        parts = stage.strip("/").split("/")
-        if not parts or any(not _STAGE_PART_RE.match(p) or p.startswith(TMP_PREFIX) for p in parts):
+        parts = stage_parts(stage)
+        if parts is None:
             raise StoreError(f"invalid stage name {stage!r}")
         return self.join(self.iter_uri(run_id, iteration), *parts)
 
@@ -272,11 +234,15 @@ class Store:
         if self.is_local:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             tmp = f"{path}.{TMP_PREFIX}{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)  # a full disk must not leave half a file behind
+                raise
         else:
             self._io(f"write {uri}", self.fs.pipe_file, path, data)
 
@@ -317,16 +283,17 @@ class Store:
     def _move_into_place(self, tmp: str, final: str) -> list[str]:
         """Move every file under `tmp` to the same relative path under `final`; return those paths."""
         tmp_p, final_p = self._p(tmp).rstrip("/"), self._p(final).rstrip("/")
-        moved = []
-        for src in self._find(tmp):
-            rel = src[len(tmp_p) + 1:]
-            dst = f"{final_p}/{rel}"
+        moved = [src[len(tmp_p) + 1:] for src in self._find(tmp)]
+
+        def move(rel: str) -> None:  # local: a rename; S3: a server-side copy + delete, several at once
+            src, dst = f"{tmp_p}/{rel}", f"{final_p}/{rel}"
             if self.is_local:
                 Path(dst).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(src, dst)
             else:
                 self._io(f"move {self._u(src)}", self.fs.mv, src, dst)
-            moved.append(rel)
+
+        self._each(move, moved)
         self._rm(tmp)
         return sorted(moved)
 
@@ -392,41 +359,87 @@ class Store:
         hash, metrics, stage seconds...). A complete stage is never rewritten unless `overwrite`.
         """
         started = time.time()
+        columns = table.schema.names
+        table, partition_columns = _drop_partition_columns(uri, table)
+        faults.hold_point(uri, "before_write")
         self._prepare(uri, overwrite)
         tmp = self.join(uri, f"{TMP_PREFIX}{uuid.uuid4().hex}")
         n_parts = max(1, -(-table.num_rows // rows_per_part))
+        parts: dict[str, dict[str, Any]] = {}
         try:
             for i in range(n_parts):
                 part = table.slice(i * rows_per_part, rows_per_part)
                 buf = io.BytesIO()
                 pq.write_table(part, buf, compression="zstd")
-                self._write_bytes(self.join(tmp, f"part-{i:05d}.parquet"), buf.getvalue())
+                name = f"part-{i:05d}.parquet"
+                parts[name] = integrity.describe(buf.getvalue())
+                self._write_bytes(self.join(tmp, name), buf.getvalue())
+                if i == 0:
+                    faults.hold_point(uri, "mid_write")
             files = self._move_into_place(tmp, uri)
-        except BaseException:
+            faults.hold_point(uri, "before_manifest")
+            extra = dict(manifest_extra or {})
+            if partition_columns:
+                extra["partition_columns"] = partition_columns
+            manifest = self._finish(
+                uri,
+                files,
+                started,
+                extra,
+                rows=table.num_rows,
+                columns=columns,
+                kind="table",
+                parts=parts,
+            )
+        except BaseException as err:
             self._rm(tmp)  # best effort; `cleanup_tmp` removes what a killed process leaves
+            if (full := integrity.no_space_error(uri, err, self._p(uri) if self.is_local else None)) is not None:
+                self._rm(uri)  # parts already moved in are invisible without a manifest; drop them too
+                raise full from None
             raise
-        return self._finish(
-            uri,
-            files,
-            started,
-            manifest_extra,
-            rows=table.num_rows,
-            columns=table.schema.names,
-            kind="table",
-        )
+        faults.hold_point(uri, "after_write")
+        return manifest
 
     def read_table(self, uri: str, columns: list[str] | None = None) -> pa.Table:
-        """Read a complete table (exactly the parts its manifest lists)."""
+        """Read a complete table (exactly the parts its manifest lists), with its partition columns.
+
+        A per-step stage of a multi-step iteration (`iter=0001/samples` holding `rl_step=01/`...)
+        reads as one table of its committed steps, in step order, with an `rl_step` column."""
+        if not self.is_done(uri) and (steps := self.step_partitions(uri)):
+            own = None if columns is None else [c for c in columns if c != STEP]
+            tables = [self.read_table(part, own) for _, part in steps]
+            tables = [t.append_column(STEP, pa.array([k] * t.num_rows, pa.int32())) for (k, _), t in zip(steps, tables)]
+            table = pa.concat_tables(tables, promote_options="default")
+            return table if columns is None else table.select(columns)
         manifest = self.manifest(uri)
         if manifest.get("kind") != "table":
             raise StoreError(f"{uri} is a {manifest.get('kind', 'non-table')}, not a table")
+        partition: dict[str, Any] = manifest.get("partition_columns") or {}
+        stored = None if columns is None else [c for c in columns if c not in partition]
         tables = []
         for name in manifest["files"]:
-            data = self._read_bytes(self.join(uri, name))
+            where = self.join(uri, name)
+            data = self._read_bytes(where)
             if data is None:
                 raise StoreError(f"{uri}: part {name} listed in the manifest is missing")
-            tables.append(pq.read_table(pa.BufferReader(data), columns=columns))
-        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+            integrity.check_bytes(where, data, manifest, name)
+            try:
+                tables.append(pq.read_table(pa.BufferReader(data), columns=stored))
+            except (pa.ArrowException, OSError) as err:
+                raise StoreError(f"{where}: not a readable Parquet part ({type(err).__name__}: {err})") from None
+        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        for name, info in sorted(partition.items(), key=lambda kv: kv[1]["index"]):
+            if columns is None or name in columns:
+                values = pa.array([info["value"]] * table.num_rows, pa.string()).cast(pa.type_for_alias(info["type"]))
+                table = table.add_column(min(info["index"], table.num_columns), name, values)
+        if columns is not None:
+            table = table.select(columns)
+        return table
+
+    def step_partitions(self, uri: str) -> list[tuple[int, str]]:
+        """(step, uri) of every committed `rl_step=SS` partition directly below `uri`, in step order."""
+        return [(int(m.group(1)), self.join(uri, n)) for n in self._ls(uri)
+                if (m := STEP_RE.match(n)) and self.is_done(self.join(uri, n))]
 
     def read_stage_across_iterations(
         self, run_id: str, stage: str, columns: list[str] | None = None
@@ -435,117 +448,12 @@ class Store:
         tables = []
         for it in self.list_iterations(run_id):
             uri = self.stage_uri(run_id, it, stage)
-            if self.is_done(uri):
+            if self.is_done(uri) or self.step_partitions(uri):
                 t = self.read_table(uri, columns=columns)
                 tables.append(t.append_column("iteration", pa.array([it] * t.num_rows, pa.int32())))
         if not tables:
             raise StoreError(f"run {run_id}: no iteration has a complete {stage!r} stage")
         return pa.concat_tables(tables, promote_options="default")
-
-    # --------------------------------------------------------------------------- checkpoints
-
-    @contextmanager
-    def checkpoint_writer(
-        self, uri: str, manifest_extra: dict[str, Any] | None = None, *, overwrite: bool = False
-    ) -> Iterator[Path]:
-        """Yield a local folder to save a checkpoint into; on success it becomes `uri`, atomically.
-
-        Local store: the folder is the temporary key itself (no copy). Remote store: a temporary folder
-        in the download cache, uploaded file by file when the block ends, then kept as the cached copy.
-        On error nothing becomes visible.
-        """
-        started = time.time()
-        self._prepare(uri, overwrite)
-        tmp = self.join(uri, f"{TMP_PREFIX}{uuid.uuid4().hex}")
-        if self.is_local:
-            folder = Path(self._p(tmp))
-            folder.mkdir(parents=True)
-            try:
-                yield folder
-                total = _folder_bytes(folder)
-                files = self._move_into_place(tmp, uri)
-            except BaseException:
-                shutil.rmtree(folder, ignore_errors=True)
-                raise
-        else:
-            # Stage the folder inside the download cache: once uploaded it becomes this checkpoint's
-            # cached copy, so the process that wrote it never downloads it again.
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            folder = self.cache_dir / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-            folder.mkdir()
-            try:
-                yield folder
-                total = _folder_bytes(folder)
-                self._upload_folder(folder, tmp)
-                files = self._move_into_place(tmp, uri)
-            except BaseException:
-                shutil.rmtree(folder, ignore_errors=True)
-                self._rm(tmp)
-                raise
-        manifest = self._finish(uri, files, started, manifest_extra, kind="checkpoint", bytes=total)
-        if not self.is_local:
-            dest = self._cache_path(uri, manifest, self.cache_dir)
-            (folder / ".complete").write_text(uri + "\n")
-            if dest.exists():
-                shutil.rmtree(folder, ignore_errors=True)
-            else:
-                os.replace(folder, dest)
-
-    @staticmethod
-    def _cache_path(uri: str, manifest: dict[str, Any], cache: Path) -> Path:
-        key = hashlib.sha256(f"{uri}\n{manifest.get('token', '')}".encode()).hexdigest()[:20]
-        return cache / key
-
-    def _upload_folder(self, local: Path, dest: str) -> None:
-        for path in sorted(p for p in local.rglob("*") if p.is_file()):
-            rel = path.relative_to(local).as_posix()
-            target = self.join(dest, rel)
-            self._io(f"upload {target}", self.fs.put_file, str(path), self._p(target))
-
-    def upload_checkpoint(
-        self, local_dir: str | Path, uri: str, manifest_extra: dict[str, Any] | None = None,
-        *, overwrite: bool = False,
-    ) -> dict[str, Any]:
-        """Copy an existing local checkpoint folder to `uri` atomically; return the manifest."""
-        local_dir = Path(local_dir)
-        if not local_dir.is_dir():
-            raise StoreError(f"checkpoint folder not found: {local_dir}")
-        with self.checkpoint_writer(uri, manifest_extra, overwrite=overwrite) as folder:
-            shutil.copytree(local_dir, folder, dirs_exist_ok=True)
-        return self.manifest(uri)
-
-    def download_checkpoint(self, uri: str, local_cache: str | Path | None = None) -> Path:
-        """A local folder holding the complete checkpoint at `uri`.
-
-        Local store: the folder itself. Remote: downloaded once into the cache, keyed by URI and the
-        manifest's write token, so repeated loads are free and a rewritten checkpoint is fetched anew.
-        """
-        manifest = self.manifest(uri)
-        if manifest.get("kind") != "checkpoint":
-            raise StoreError(f"{uri} is not a checkpoint")
-        if self.is_local:
-            return Path(self._p(uri))
-        cache = Path(local_cache) if local_cache else self.cache_dir
-        dest = self._cache_path(uri, manifest, cache)
-        if (dest / ".complete").exists():
-            return dest
-        partial = cache / f"{TMP_PREFIX}{dest.name}-{uuid.uuid4().hex[:8]}"
-        partial.mkdir(parents=True)
-        try:
-            for rel in manifest["files"]:
-                target = partial / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                src = self.join(uri, rel)
-                self._io(f"download {src}", self.fs.get_file, self._p(src), str(target))
-            (partial / ".complete").write_text(uri + "\n")
-            if dest.exists():  # another process finished first
-                shutil.rmtree(partial, ignore_errors=True)
-            else:
-                os.replace(partial, dest)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        return dest
 
     # ------------------------------------------------------------------------------ small files
 
@@ -585,15 +493,15 @@ class Store:
             "config": cfg_dict,
             **(extra or {}),
         }
-        self._write_json(self.join(self.run_uri(run_id), "run.json"), record)
+        self._write_json(self.join(self.run_uri(run_id), RUN_RECORD), record)
         return record
 
     def read_run(self, run_id: str) -> dict[str, Any] | None:
-        return self._read_json(self.join(self.run_uri(run_id), "run.json"))
+        return self._read_json(self.join(self.run_uri(run_id), RUN_RECORD))
 
     def latest(self, run_id: str) -> int | None:
         """The last completed iteration, or None before iteration 0 completes."""
-        data = self._read_bytes(self.join(self.run_uri(run_id), "LATEST"))
+        data = self._read_bytes(self.join(self.run_uri(run_id), LATEST))
         if data is None:
             return None
         text = data.decode().strip()
@@ -602,15 +510,56 @@ class Store:
         return int(text)
 
     def set_latest(self, run_id: str, iteration: int) -> None:
-        self._write_bytes(self.join(self.run_uri(run_id), "LATEST"), f"{int(iteration)}\n".encode())
+        uri = self.join(self.run_uri(run_id), LATEST)
+        faults.hold_point(uri, "before_write")  # every stage of the iteration committed, LATEST not
+        self._write_bytes(uri, f"{int(iteration)}\n".encode())
+        faults.hold_point(uri, "after_write")
 
     def list_runs(self) -> list[str]:
-        runs = self.join(self.uri, "runs")
-        return [r for r in self._ls(runs) if _RUN_ID_RE.match(r) and self._exists(self.join(runs, r, "run.json"))]
+        runs = self.join(self.uri, RUNS)
+        return [r for r in self._ls(runs) if RUN_ID_RE.match(r) and self._exists(self.join(runs, r, RUN_RECORD))]
+
+    def stores_nearby(self) -> list[str]:
+        """Store URIs next to this one that hold runs: the parent when this URI ends in `runs` (a store URI
+        is the prefix ABOVE runs/), and prefixes one or two levels below. For "no runs here" hints."""
+        found = []
+        if self.root.rstrip("/").endswith("/" + RUNS):
+            found.append(self.root.rstrip("/")[: -len(RUNS) - 1])
+        for depth in ("*", "*/*"):
+            pattern = f"{self.root.rstrip('/')}/{depth}/{RUNS}/*/{RUN_RECORD}"
+            try:
+                hits = self._io(f"list {self.uri}", self.fs.glob, pattern)
+            except FileNotFoundError:
+                hits = []
+            found += [h.rsplit(f"/{RUNS}/", 1)[0] for h in hits if f"/{TMP_PREFIX}" not in h]
+        stores = []
+        for path in found:
+            uri = self._u(path)
+            if uri != self.uri and uri not in stores and Store(uri).list_runs():
+                stores.append(uri)
+        return stores
+
+    def remove_run(self, run_id: str) -> int:
+        """Delete a whole run (everything under `runs/{id}/`); returns the objects removed.
+
+        Refuses (RunLockedError naming the holder) while another process holds the run's lease: the run
+        lease is taken for the removal, run.json goes first (the run stops being listed), the lease last.
+        """
+        run = self.run_uri(run_id)
+        if self.read_run(run_id) is None and not self._find(run):
+            raise StoreError(f"no run {run_id!r} in {self.uri}")
+        removed = len(self._find(run))
+        with self.run_lock(run_id, ttl_s=120):
+            self._rm(self.join(run, RUN_RECORD))
+            for name in self._ls(run):
+                if name != LOCK_NAME:
+                    self._rm(self.join(run, name))
+        self._rm(run)
+        return removed
 
     def list_iterations(self, run_id: str) -> list[int]:
         names = self._ls(self.run_uri(run_id))
-        return sorted(int(m.group(1)) for n in names if (m := _ITER_RE.match(n)))
+        return sorted(int(m.group(1)) for n in names if (m := ITER_RE.match(n)))
 
     def list_stages(self, run_id: str, iteration: int) -> dict[str, int | None]:
         """Complete stages of an iteration -> row count (None for checkpoints)."""
@@ -627,7 +576,7 @@ class Store:
 
     def cleanup_tmp(self, run_id: str | None = None) -> int:
         """Remove `_tmp-*` leftovers of crashed writers (call while holding the run lock)."""
-        base_uri = self.run_uri(run_id) if run_id else self.join(self.uri, "runs")
+        base_uri = self.run_uri(run_id) if run_id else self.join(self.uri, RUNS)
         base = self._p(base_uri).rstrip("/")
         tmp_dirs: set[str] = set()
         for path in self._find(base_uri):
@@ -646,175 +595,3 @@ class Store:
                  poll_s: float = 2.0) -> "RunLock":
         """A lease on the run so two triggers never run the same iteration at once."""
         return RunLock(self, run_id, ttl_s=ttl_s, wait_s=wait_s, poll_s=poll_s)
-
-
-class RunLock:
-    """A lease file `runs/{run_id}/_LOCK.json`: owner token + expiry, renewed by a heartbeat thread.
-
-    Acquire: if there is no lease, or it expired (its holder died: the heartbeat stopped; a holder on
-    this machine whose process has exited counts as expired at once), write ours
-    and read it back to confirm. On a local store the create is atomic (O_EXCL); on S3 there is no
-    conditional create, so the writer waits `settle_s` before reading back, which makes two near-
-    simultaneous writers both see the later write and only its author proceed. If the lease is lost
-    (expired while we hung, taken over), `check()` raises so the holder stops before publishing.
-    """
-
-    def __init__(self, store: Store, run_id: str, *, ttl_s: float = 600.0, wait_s: float = 0.0,
-                 poll_s: float = 2.0, settle_s: float | None = None) -> None:
-        if ttl_s <= 0:
-            raise StoreError("lock ttl must be > 0")
-        self.store = store
-        self.run_id = validate_run_id(run_id)
-        self.uri = store.join(store.run_uri(run_id), LOCK_NAME)
-        self.ttl_s = ttl_s
-        self.wait_s = wait_s
-        self.poll_s = poll_s
-        self.settle_s = (0.0 if store.is_local else 1.0) if settle_s is None else settle_s
-        self.token = uuid.uuid4().hex
-        self.held = False
-        self.lost = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    # -- lease records
-    def _record(self) -> dict[str, Any]:
-        now = time.time()
-        return {
-            "owner": self.token,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "acquired_at": now,
-            "expires_at": now + self.ttl_s,
-        }
-
-    def read(self) -> dict[str, Any] | None:
-        """The current lease, or None when there is none."""
-        try:
-            return self.store._read_json(self.uri)
-        except StoreError:
-            # A damaged lease (written by hand, truncated disk): treat it as expired so it can be taken.
-            return {"owner": None, "expires_at": 0, "corrupt": True}
-
-    @staticmethod
-    def _expired(rec: dict[str, Any] | None) -> bool:
-        """No lease, a lease past its expiry, or one whose holder on this machine has exited."""
-        if rec is None or float(rec.get("expires_at", 0)) <= time.time():
-            return True
-        return rec.get("host") == socket.gethostname() and not _pid_alive(rec.get("pid"))
-
-    def _create_local(self, stale: dict[str, Any] | None) -> bool:
-        path = Path(self.store._p(self.uri))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if stale is not None and path.exists():
-            # Move the stale lease aside (atomic); then check it was the one we judged stale.
-            aside = path.with_name(f"{LOCK_NAME}.stale-{uuid.uuid4().hex}")
-            try:
-                os.replace(path, aside)
-            except FileNotFoundError:
-                return False
-            try:
-                moved = json.loads(aside.read_text())
-            except (OSError, json.JSONDecodeError):
-                moved = None
-            if moved is not None and moved.get("owner") != stale.get("owner"):
-                # We moved someone's fresh lease: put it back unless yet another one appeared.
-                try:
-                    os.link(aside, path)
-                except FileExistsError:
-                    pass
-                aside.unlink(missing_ok=True)
-                return False
-            aside.unlink(missing_ok=True)
-        # Write the whole record aside, then hard-link it into place: the link is atomic and fails
-        # when a lease exists, so the lease file is never seen half-written.
-        draft = path.with_name(f"{LOCK_NAME}.{TMP_PREFIX}{uuid.uuid4().hex}")
-        draft.write_text(json.dumps(self._record()))
-        try:
-            os.link(draft, path)
-        except FileExistsError:
-            return False
-        finally:
-            draft.unlink(missing_ok=True)
-        return True
-
-    def _try_take(self, current: dict[str, Any] | None) -> bool:
-        if self.store.is_local:
-            if not self._create_local(current):
-                return False
-        else:
-            self.store._write_json(self.uri, self._record())
-            time.sleep(self.settle_s)
-        confirmed = self.read()
-        return confirmed is not None and confirmed.get("owner") == self.token
-
-    def _describe(self, rec: dict[str, Any]) -> str:
-        left = max(0.0, float(rec.get("expires_at", 0)) - time.time())
-        since = datetime.fromtimestamp(float(rec.get("acquired_at", 0)), timezone.utc).isoformat(
-            timespec="seconds"
-        )
-        return f"host {rec.get('host')} pid {rec.get('pid')} since {since} (lease expires in {left:.0f} s)"
-
-    # -- public
-    def acquire(self) -> "RunLock":
-        deadline = time.time() + self.wait_s
-        while True:
-            current = self.read()
-            if self._expired(current) or (current or {}).get("owner") == self.token:
-                if self._try_take(current):
-                    self.held, self.lost = True, False
-                    self._start_heartbeat()
-                    return self
-                current = self.read()
-            if time.time() >= deadline:
-                who = self._describe(current) if current else "another process"
-                raise RunLockedError(
-                    f"run {self.run_id} is being run by {who}; waited {self.wait_s:g} s. "
-                    f"Retry later, or delete {redact(self.uri)} if that process is dead."
-                )
-            time.sleep(max(0.01, min(self.poll_s, deadline - time.time())))
-
-    def renew(self) -> bool:
-        """Extend the lease; False (and `lost`) when it is no longer ours."""
-        current = self.read()
-        if current is None or current.get("owner") != self.token:
-            self.lost = True
-            return False
-        record = dict(current, expires_at=time.time() + self.ttl_s)
-        self.store._write_json(self.uri, record)
-        return True
-
-    def check(self) -> None:
-        """Raise if the lease was lost, so the holder stops before publishing anything."""
-        if not self.held or self.lost:
-            raise RunLockedError(f"run {self.run_id}: this process no longer holds the run lock")
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
-        if self.held:
-            current = self.read()
-            if current is not None and current.get("owner") == self.token:
-                self.store._rm(self.uri)
-        self.held = False
-
-    def _start_heartbeat(self) -> None:
-        self._stop.clear()
-
-        def beat() -> None:
-            while not self._stop.wait(self.ttl_s / 3):
-                try:
-                    if not self.renew():
-                        return
-                except StoreError:
-                    continue  # transient; the next beat retries before the lease runs out
-
-        self._thread = threading.Thread(target=beat, name=f"spark-lock-{self.run_id}", daemon=True)
-        self._thread.start()
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()

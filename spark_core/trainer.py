@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,26 +45,20 @@ import torch
 from . import distributed
 from .config import SparkConfig, TrainConfig
 from .grpo import group_advantages, grpo_loss
+from .multimodal_batch import multimodal_images, multimodal_inputs
+from .prefix_scoring import picked_logprobs, shared_prompt_logprobs, shares_prompts
 from .schemas import TRAIN
+from .trainer_state import (
+    STATE_FILE, is_sharded, optimizer_state_to_indexed, optimizer_state_to_named, read_state, write_state,
+)
 
 log = logging.getLogger(__name__)
 
 Phase = Literal["policy", "reward"]
-STATE_FILE = "trainer_state.pt"
 REQUIRED_COLUMNS = ("prompt", "completion_ids", "reward", "question_id")
-# Logits turned into float32 log-probs per chunk (64M floats = 256 MB), so a full-vocabulary float32
-# copy of a large micro-batch never exists at once.
-_LOGSUMEXP_CHUNK = 64 * 1024 * 1024
 
 
 # ------------------------------------------------------------------------------------ schedule
-
-
-def _steps_per_phase(sequences: int, mini_batch_size: int | None, epochs: int) -> int:
-    if sequences <= 0:
-        return 0
-    per_epoch = math.ceil(sequences / mini_batch_size) if mini_batch_size else 1
-    return per_epoch * epochs
 
 
 def planned_optimizer_steps(cfg: SparkConfig) -> int:
@@ -77,14 +70,7 @@ def planned_optimizer_steps(cfg: SparkConfig) -> int:
     ``train.total_steps`` overrides the count. The reward phase is counted every iteration although
     it only runs once the pool is full; a schedule that is not fully used just ends above its floor.
     """
-    t = cfg.train
-    if t.total_steps is not None:
-        return t.total_steps
-    policy = _steps_per_phase(cfg.sampling.questions_per_iteration * cfg.sampling.n, t.mini_batch_size, t.epochs)
-    rd = cfg.reward_data
-    reward_runs = rd.enabled and (rd.judgment or rd.reflection)
-    reward = _steps_per_phase(rd.reward_batch_size * cfg.reward_n, t.mini_batch_size, t.epochs) if reward_runs else 0
-    return max(1, cfg.iterations * (policy + reward))
+    return cfg.planned_optimizer_steps()
 
 
 def lr_factor(step: int, total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> float:
@@ -115,6 +101,7 @@ class _Sequence:
     reward: float
     old_logp: torch.Tensor | None = None  # [num_tokens] float32 on CPU
     ref_logp: torch.Tensor | None = None
+    vision: dict[str, torch.Tensor] | None = None  # pixel_values + image_grid_thw of the prompt's images
 
     @property
     def num_tokens(self) -> int:
@@ -138,6 +125,7 @@ class _Batch:
     advantages: torch.Tensor  # [n]
     old_logp: torch.Tensor | None  # [n, K]
     ref_logp: torch.Tensor | None  # [n, K]
+    vision: dict[str, torch.Tensor] | None = None  # the rows' images, concatenated (spark_core.vision)
 
 
 def _collate(seqs: list[_Sequence], device: torch.device, pad_id: int) -> _Batch:
@@ -171,6 +159,7 @@ def _collate(seqs: list[_Sequence], device: torch.device, pad_id: int) -> _Batch
         adv.to(device),
         None if old is None else old.to(device),
         None if ref is None else ref.to(device),
+        multimodal_inputs(seqs, device),
     )
 
 
@@ -185,22 +174,15 @@ def completion_logprobs(model: torch.nn.Module, batch: _Batch, temperature: floa
     out = model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
+        # with images the model derives its multimodal (3-D) positions from the ids and image grids
+        position_ids=None if batch.vision else batch.position_ids,
         use_cache=False,
         logits_to_keep=width + 1,
+        **(batch.vision or {}),
     )
     logits = out.logits[:, -(width + 1) : -1]  # the logits at t-1 predict the token at t
     targets = batch.input_ids[:, batch.input_ids.shape[1] - width :]
-    per_row = max(1, logits[0].numel()) if logits.shape[0] else 1
-    rows_per_chunk = max(1, _LOGSUMEXP_CHUNK // per_row)
-    parts = []
-    for start in range(0, logits.shape[0], rows_per_chunk):
-        chunk = logits[start : start + rows_per_chunk].float()
-        if temperature != 1.0:
-            chunk = chunk / temperature
-        picked = chunk.gather(-1, targets[start : start + rows_per_chunk].unsqueeze(-1)).squeeze(-1)
-        parts.append(picked - torch.logsumexp(chunk, dim=-1))
-    lp = torch.cat(parts)
+    lp = picked_logprobs(logits, targets, temperature)
     # where, not a product: whatever a masked position holds (a padding row's values included) can
     # then reach neither the loss nor its gradient
     return torch.where(batch.completion_mask, lp, torch.zeros_like(lp))
@@ -227,39 +209,6 @@ def _micro_batches(seqs: list[_Sequence], size: int, count: int, template: _Sequ
     return out + [[_filler(template)] for _ in range(count - len(out))]
 
 
-# ------------------------------------------------------------------------------ optimizer state
-
-
-def _is_sharded(model: torch.nn.Module) -> bool:
-    """FSDP (v1 wrapper or v2 ``fully_shard``): parameters and optimizer state are split over ranks."""
-    from torch.distributed import fsdp  # noqa: PLC0415
-
-    kinds = tuple(k for k in (getattr(fsdp, "FullyShardedDataParallel", None), getattr(fsdp, "FSDPModule", None)) if k)
-    return bool(kinds) and isinstance(model, kinds)
-
-
-def optimizer_state_to_indexed(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    """A parameter-NAME-keyed optimizer state (``torch.distributed.checkpoint.state_dict``'s format) in
-    the index-keyed format of ``Optimizer.state_dict()`` (index = position in ``names``), so a state
-    gathered from FSDP ranks is the same file a single process writes."""
-    index = {name: i for i, name in enumerate(names)}
-    missing = [k for k in state["state"] if k not in index]
-    if missing:
-        raise ValueError(f"optimizer state holds parameters the trainer does not train: {missing[:3]}")
-    return {
-        "state": {index[k]: v for k, v in state["state"].items()},
-        "param_groups": [{**g, "params": [index[k] for k in g["params"]]} for g in state["param_groups"]],
-    }
-
-
-def optimizer_state_to_named(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    """The inverse of ``optimizer_state_to_indexed``."""
-    return {
-        "state": {names[int(k)]: v for k, v in state["state"].items()},
-        "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]],
-    }
-
-
 # ----------------------------------------------------------------------------------- trainer
 
 
@@ -277,6 +226,9 @@ class Trainer:
     ``distributed.prepare_for_training`` (pass the plain model); ``self.model`` is then the wrapper and
     ``self.raw_model`` the plain model.
     """
+
+    # The reference pass forwards each shared prompt once (`prefix_scoring`); False: a full forward each.
+    score_prompts_once = True
 
     def __init__(
         self,
@@ -341,6 +293,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else 0  # any valid id: padding is masked out
+        self.vision: Any = None  # spark_core.vision.VisionInputs for rows with an `images` column
 
     @property
     def raw_model(self) -> torch.nn.Module:
@@ -365,22 +318,26 @@ class Trainer:
         rewards = torch.tensor(rows["reward"].astype(float).to_numpy(), dtype=torch.float64)
         adv = group_advantages(rewards, rows["question_id"].astype(str).tolist(), eps=self.cfg.adv_eps).tolist()
         vocab = self.raw_model.get_input_embeddings().num_embeddings
-        prompt_ids: dict[str, list[int]] = {}  # the K samples of a question share one prompt
+        prompt_ids: dict[Any, tuple[list[int], Any]] = {}  # the K samples of a question share one prompt
+        images = multimodal_images(rows, self.vision)
         seqs = []
         for i, (prompt, completion, reward) in enumerate(zip(rows["prompt"], rows["completion_ids"], rewards.tolist())):
-            if prompt not in prompt_ids:
-                ids = list(self.tokenizer(prompt, add_special_tokens=False).input_ids)
-                if not ids:
+            key = (prompt, images[i]) if images else prompt
+            if key not in prompt_ids:
+                if images:
+                    prompt_ids[key] = self.vision.encode(prompt, list(images[i]))
+                else:
+                    prompt_ids[key] = (list(self.tokenizer(prompt, add_special_tokens=False).input_ids), None)
+                if not prompt_ids[key][0]:
                     raise ValueError(f"row {i}: the prompt tokenizes to nothing; a completion needs context")
-                prompt_ids[prompt] = ids
-            p = prompt_ids[prompt]
+            p, vision = prompt_ids[key]
             completion_ids = [int(t) for t in completion]
             if any(t < 0 or t >= vocab for t in completion_ids):
                 raise ValueError(
                     f"row {i}: completion_ids hold ids outside the model's vocabulary of {vocab}; "
                     "were the rollouts sampled with another tokenizer?"
                 )
-            seqs.append(_Sequence(p + completion_ids, len(p), float(adv[i]), float(reward)))
+            seqs.append(_Sequence(p + completion_ids, len(p), float(adv[i]), float(reward), vision=vision))
         return seqs
 
     @torch.no_grad()
@@ -395,10 +352,17 @@ class Trainer:
         was_training = model.training
         model.eval()
         try:
-            if not seqs:
-                template = _Sequence([self.pad_id], 1, 0.0, 0.0)
-            else:
-                template = seqs[0]
+            prompts = [tuple(s.ids[: s.prompt_len]) for s in seqs]
+            text_only = not any(s.vision for s in seqs)  # images: full forward (pixel values, M-RoPE)
+            if (model is self.ref_model and self.score_prompts_once and not self.dist.enabled and text_only
+                    and shares_prompts(prompts)):
+                # Each shared prompt once (one rank: no lockstep calls). Reference only: old log-probs stay
+                # bitwise those of a training forward, so a first step's ratio is 1.
+                return shared_prompt_logprobs(
+                    model, [s.ids[: s.prompt_len] for s in seqs], [s.ids[s.prompt_len :] for s in seqs],
+                    pad_id=self.pad_id, device=self.device, temperature=self.temperature, max_sequences=size,
+                    autocast=self._autocast)
+            template = seqs[0] if seqs else _Sequence([self.pad_id], 1, 0.0, 0.0)
             position = {id(s): i for i, s in enumerate(seqs)}
             for micro in _micro_batches(seqs, size, count, template):
                 b = _collate(micro, self.device, self.pad_id)
@@ -554,7 +518,7 @@ class Trainer:
         Under FSDP this is a COLLECTIVE (the optimizer state is gathered from the shards): every rank
         must call it. The optimizer state always has the single-process format (parameters by index),
         so a run can resume with a different number of ranks."""
-        if self.dist.enabled and _is_sharded(self.model):
+        if self.dist.enabled and is_sharded(self.model):
             from torch.distributed.checkpoint.state_dict import (  # noqa: PLC0415
                 StateDictOptions,
                 get_optimizer_state_dict,
@@ -589,20 +553,15 @@ class Trainer:
             state = self.state_dict()
         if state is None or not self.dist.is_main:
             return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        write_state(path, state)
         return path
 
     def load_state(self, folder: str | Path) -> None:
         """Restore what ``save_state`` wrote; the model must already hold the matching weights.
         Every rank reads the file (under FSDP each keeps its shard of the optimizer state)."""
         path = Path(folder) / STATE_FILE
-        if not path.exists():
-            raise FileNotFoundError(f"no trainer state at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if self.dist.enabled and _is_sharded(self.model):
+        state = read_state(path)
+        if self.dist.enabled and is_sharded(self.model):
             from torch.distributed.checkpoint.state_dict import (  # noqa: PLC0415
                 StateDictOptions,
                 set_optimizer_state_dict,

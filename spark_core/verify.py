@@ -7,33 +7,19 @@ Two checks, as in SPARK (no format reward):
 * ``verify_choice`` (judgment items): the last boxed answer, normalised (``\\text{Yes}``, ``(A)``,
   ``**B**`` ...), must equal the label ``Yes``, ``No``, ``A`` or ``B``.
 
-``verify`` runs in the calling process without any timeout: Math-Verify's own timeouts use
-``signal.alarm``, which raises (or silently scores 0) outside the main thread, and Prefect runs tasks in
-threads. For many or untrusted completions use ``verify_batch``: it checks items in a persistent pool of
-worker processes (forkserver, or spawn where forkserver is missing) with a wall-clock limit per item. A
-worker interrupts a slow item itself (a timer signal in its own main thread); a worker stuck in C code
-that ignores signals is killed and replaced. Code that calls ``verify_batch`` from a script must guard
-its entry point with ``if __name__ == "__main__":`` (workers re-import the main module, as usual for
-non-fork multiprocessing).
+These are the pure rules. ``verify`` runs in the calling process without any timeout: Math-Verify's own
+timeouts use ``signal.alarm``, which raises (or silently scores 0) outside the main thread, and Prefect
+runs tasks in threads. For many or untrusted completions use ``spark_core.verify_pool.verify_batch``,
+which applies these rules in a pool of worker processes with a wall-clock limit per item.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
-import math
-import multiprocessing
-import os
 import re
-import signal
-import threading
-import time
-from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
-from multiprocessing.connection import Connection, wait
 from typing import Any
 
 __all__ = [
@@ -44,8 +30,6 @@ __all__ = [
     "normalize_answer",
     "verify",
     "verify_choice",
-    "verify_batch",
-    "shutdown_pool",
     "warm_up",
 ]
 
@@ -69,7 +53,7 @@ class VerifyResult:
 
 
 # ------------------------------------------------------------------------------------ extraction
-# `\box{` is accepted too: the reference code's judgment prompts ask for it (see SPARK.md).
+# `\box{` is accepted too: the SPARK reference code's judgment prompts ask for it.
 _OPENER = re.compile(r"\\box(?:ed)?[ \t]*\{")
 # An escaped character (`\{`, `\}`, `\\`) is skipped so that literal braces do not count; runs of the
 # same brace are one token, so deep nesting costs one step per run, not per brace.
@@ -189,7 +173,7 @@ for _name in ("math_verify.parser", "math_verify.grader"):
     logging.getLogger(_name).addFilter(_MathVerifyLogFilter())
 
 
-def _quick_math(answer: str | None, gold: str) -> VerifyResult | None:
+def quick_math(answer: str | None, gold: str) -> VerifyResult | None:
     """Cheap, time-bounded verdicts that need no SymPy; None when Math-Verify must decide.
 
     Decides: no answer; fallback-equal strings or numbers (reward 1); two different plain integers
@@ -216,7 +200,7 @@ def _parse_gold(gold_ans: str) -> tuple[Any, ...]:
     return tuple(math_verify.parse("\\boxed{" + gold_ans + "}", parsing_timeout=None))
 
 
-def _math_reward(answer: str, gold: str) -> float:
+def math_reward(answer: str, gold: str) -> float:
     """Math-Verify equivalence (timeouts off: the caller bounds time), then the string fallback."""
     import math_verify
 
@@ -253,21 +237,24 @@ def warm_up() -> None:
     it inherits the warm state; a worker started another way warms itself.
     """
     for answer, gold in _WARM_UP_PAIRS:
-        _math_reward(answer, gold)
+        math_reward(answer, gold)
 
 
 def verify(completion: str, gold: str) -> VerifyResult:
     """Is the last boxed answer of ``completion`` mathematically equal to ``gold``?
 
-    Runs in this process with no timeout, from any thread; use ``verify_batch`` for untrusted input.
+    Runs in this process with **no time limit**, from any thread. Model output and any other untrusted
+    input goes through :func:`spark_core.verify_pool.verify_batch` instead: a crafted answer can keep the
+    symbolic parser busy for minutes (or for ever), and only ``verify_batch`` bounds each item's
+    wall-clock time (``timeout_s``) by running it in a worker process that is killed when it overruns.
     """
     answer = extract_boxed(completion)
-    quick = _quick_math(answer, gold)
+    quick = quick_math(answer, gold)
     if quick is not None:
         return quick
     assert answer is not None  # _quick_math answers every None
     try:
-        return VerifyResult(_math_reward(answer, gold), answer, "ok")
+        return VerifyResult(math_reward(answer, gold), answer, "ok")
     except Exception:  # a parser bug must cost one item, not the batch
         logging.getLogger(__name__).debug("math check failed", exc_info=True)
         return VerifyResult(0.0, answer, "error")
@@ -317,293 +304,3 @@ def verify_choice(completion: str, label: str) -> VerifyResult:
     if len(answer) > _CHOICE_MAX_CHARS:
         return VerifyResult(0.0, answer, "ok")
     return VerifyResult(1.0 if _CHOICE_CANON.get(_normalize_choice(answer)) == canon else 0.0, answer, "ok")
-
-
-# ----------------------------------------------------------------------------------- worker side
-class _SoftTimeout(BaseException):
-    """Raised by the worker's timer; a BaseException so that Math-Verify's `except Exception` passes it on."""
-
-
-def _on_alarm(signum: int, frame: object) -> None:
-    raise _SoftTimeout
-
-
-def _worker_main(conn: Connection) -> None:
-    """Worker loop: receive ``(timeout_s, [(key, answer, gold), ...])``, send ``(key, reward, status)`` per item."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
-    signal.signal(signal.SIGALRM, _on_alarm)
-    warm_up()  # milliseconds when inherited warm from the forkserver; otherwise done before "ready"
-    conn.send(("ready", os.getpid()))
-    while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            return
-        if message is None:
-            return
-        timeout_s, items = message
-        for key, answer, gold in items:
-            try:
-                signal.setitimer(signal.ITIMER_REAL, timeout_s)
-                try:
-                    reward, status = _math_reward(answer, gold), "ok"
-                finally:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
-            except _SoftTimeout:
-                reward, status = 0.0, "timeout"
-            except Exception:
-                reward, status = 0.0, "error"
-            conn.send((key, reward, status))
-
-
-# ----------------------------------------------------------------------------------- parent side
-_START_TIMEOUT_S = 120.0  # a worker that is not ready by then is a broken environment, not a slow item
-_MAX_START_FAILURES = 3
-_CHUNK_MAX_ITEMS = 32
-_CHUNK_MAX_CHARS = 1 << 20  # a megabyte answer travels (nearly) alone instead of delaying a chunk
-
-
-def _hard_limit(timeout_s: float) -> float:
-    """When the parent kills a worker: after its own timer had a fair chance to fire."""
-    return timeout_s + max(0.5, 0.25 * timeout_s)
-
-
-def _usable_cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))  # respects taskset/cgroup CPU pinning
-    return os.cpu_count() or 1
-
-
-@dataclass
-class _Worker:
-    proc: Any  # multiprocessing.Process of the chosen context
-    conn: Connection
-    started_at: float
-    ready: bool = False
-    inflight: deque = field(default_factory=deque)  # items sent and not yet answered
-    item_started_at: float = 0.0
-
-
-class _Pool:
-    """Worker processes with per-item wall-clock deadlines; workers that overrun are killed and replaced."""
-
-    def __init__(self) -> None:
-        methods = multiprocessing.get_all_start_methods()
-        # Never fork the caller: it may run threads (Prefect), and a forked copy of a threaded process can
-        # deadlock. The forkserver is a fresh single-threaded process; it imports and warms Math-Verify
-        # once, so each (re)started worker forked from it is ready in milliseconds. (If another library
-        # started the forkserver first, the preload does not apply and workers warm themselves.)
-        if "forkserver" in methods:
-            self.ctx = multiprocessing.get_context("forkserver")
-            self.ctx.set_forkserver_preload(["spark_core._verify_warmup"])
-        else:
-            self.ctx = multiprocessing.get_context("spawn")
-        self.workers: list[_Worker] = []
-        self.start_failures = 0  # workers lost before "ready" since the last one that made it
-
-    def _start_worker(self) -> None:
-        parent_conn, child_conn = self.ctx.Pipe(duplex=True)
-        proc = self.ctx.Process(target=_worker_main, args=(child_conn,), daemon=True, name="spark-verify")
-        proc.start()
-        child_conn.close()  # so that the parent sees EOF when the worker dies
-        self.workers.append(_Worker(proc=proc, conn=parent_conn, started_at=time.monotonic()))
-
-    def _remove(self, worker: _Worker) -> None:
-        if worker.proc.is_alive():
-            worker.proc.kill()
-        worker.proc.join(timeout=5)
-        worker.conn.close()
-        self.workers.remove(worker)
-
-    def pids(self) -> list[int]:
-        """Process ids of the live workers (for diagnostics and tests)."""
-        return [w.proc.pid for w in self.workers if w.proc.is_alive()]
-
-    def shutdown(self) -> None:
-        for worker in list(self.workers):
-            try:
-                worker.conn.send(None)
-            except OSError:
-                pass
-        for worker in list(self.workers):
-            worker.proc.join(timeout=1)
-            self._remove(worker)
-
-    def run(
-        self, items: list[tuple[int, str, str]], timeout_s: float, processes: int
-    ) -> dict[int, tuple[float, str]]:
-        """Check ``(key, answer, gold)`` items; returns ``{key: (reward, status)}`` for every key."""
-        try:
-            return self._run(items, timeout_s, processes)
-        except BaseException:
-            # Busy workers would later answer for keys of this abandoned batch: they must not survive.
-            for worker in [w for w in self.workers if w.inflight or not w.ready]:
-                self._remove(worker)
-            raise
-
-    def _run(
-        self, items: list[tuple[int, str, str]], timeout_s: float, processes: int
-    ) -> dict[int, tuple[float, str]]:
-        results: dict[int, tuple[float, str]] = {}
-        queue: deque[tuple[int, str, str]] = deque(items)
-        size = max(1, min(processes, len(items)))
-        chunk_items = max(1, min(_CHUNK_MAX_ITEMS, math.ceil(len(items) / (size * 4))))
-        hard = _hard_limit(timeout_s)
-
-        while len(results) < len(items):
-            # (Re)start workers lazily: a batch of 3 slow items needs at most 3 processes.
-            while len(self.workers) < size and queue:
-                self._start_worker()
-            active = self.workers[:size]
-            for worker in active:
-                if worker.ready and not worker.inflight and queue:
-                    chunk = self._take_chunk(queue, chunk_items)
-                    worker.inflight.extend(chunk)
-                    worker.item_started_at = time.monotonic()
-                    try:
-                        worker.conn.send((timeout_s, chunk))
-                    except OSError:  # it died while idle (killed from outside): nothing was started
-                        worker.inflight.clear()
-                        queue.extendleft(reversed(chunk))
-                        self._remove(worker)
-            active = self.workers[:size]
-
-            deadlines = [
-                w.item_started_at + hard if w.ready else w.started_at + _START_TIMEOUT_S
-                for w in active
-                if w.inflight or not w.ready
-            ]
-            if not deadlines:  # every active worker was just removed: start fresh ones
-                continue
-            wait_s = max(0.0, min(deadlines) - time.monotonic())
-            wait([w.conn for w in active] + [w.proc.sentinel for w in active], timeout=wait_s)
-
-            for worker in list(active):
-                self._drain(worker, results)
-            now = time.monotonic()
-            for worker in list(active):
-                dead = not worker.proc.is_alive()
-                if not worker.ready:
-                    if dead or now - worker.started_at > _START_TIMEOUT_S:
-                        code = worker.proc.exitcode
-                        self._remove(worker)
-                        # One loss may be a kill from outside; repeated ones mean a broken environment.
-                        self.start_failures += 1
-                        if self.start_failures >= _MAX_START_FAILURES:
-                            raise RuntimeError(
-                                f"verify workers failed to start {self.start_failures} times in a row "
-                                f"(last exit code {code}); run `python -c 'import math_verify'` to see why"
-                            )
-                    continue
-                overdue = bool(worker.inflight) and now - worker.item_started_at > hard
-                if dead or overdue:
-                    # The item in progress is the culprit; the rest of its chunk is re-queued.
-                    if worker.inflight:
-                        key = worker.inflight.popleft()[0]
-                        results[key] = (0.0, "timeout" if overdue and not dead else "error")
-                        queue.extendleft(reversed(worker.inflight))
-                        worker.inflight.clear()
-                    self._remove(worker)
-        return results
-
-    @staticmethod
-    def _take_chunk(queue: deque, max_items: int) -> list[tuple[int, str, str]]:
-        chunk = [queue.popleft()]
-        chars = len(chunk[0][1]) + len(chunk[0][2])
-        while queue and len(chunk) < max_items:
-            nxt_chars = len(queue[0][1]) + len(queue[0][2])
-            if chars + nxt_chars > _CHUNK_MAX_CHARS:
-                break
-            chunk.append(queue.popleft())
-            chars += nxt_chars
-        return chunk
-
-    def _drain(self, worker: _Worker, results: dict[int, tuple[float, str]]) -> None:
-        """Read every message the worker has sent so far."""
-        try:
-            while worker.conn.poll():
-                message = worker.conn.recv()
-                if message[0] == "ready":
-                    worker.ready = True
-                    self.start_failures = 0
-                    continue
-                key, reward, status = message
-                if worker.inflight and worker.inflight[0][0] == key:
-                    worker.inflight.popleft()
-                results[key] = (reward, status)
-                worker.item_started_at = time.monotonic()
-        except (EOFError, OSError):
-            pass  # the worker died; the caller sees it through is_alive()
-
-
-_POOL: _Pool | None = None
-_POOL_LOCK = threading.Lock()  # one batch at a time: callers in several threads share the workers
-
-
-def shutdown_pool() -> None:
-    """Stop the worker processes (registered atexit; the next ``verify_batch`` starts new ones)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is not None:
-            _POOL.shutdown()
-            _POOL = None
-
-
-atexit.register(shutdown_pool)
-
-
-def verify_batch(
-    completions: Sequence[str],
-    golds: Sequence[str],
-    modes: Sequence[str] | None = None,
-    timeout_s: float = 5.0,
-    processes: int | None = None,
-) -> list[VerifyResult]:
-    """Check many completions: ``verify`` (mode ``math``) or ``verify_choice`` (mode ``choice``) per item.
-
-    Safe from any thread. Each math item that needs Math-Verify runs in a worker process under a
-    wall-clock limit of ``timeout_s`` seconds; an item over it gets status ``timeout``. Cheap verdicts
-    (no box, equal strings or numbers, choice labels) are made here without any IPC, and identical
-    (answer, gold) pairs are checked once. ``processes`` defaults to the number of usable CPUs.
-    """
-    global _POOL
-    if len(completions) != len(golds):
-        raise ValueError(f"{len(completions)} completions but {len(golds)} golds")
-    if modes is None:
-        modes = ["math"] * len(completions)
-    elif len(modes) != len(completions):
-        raise ValueError(f"{len(completions)} completions but {len(modes)} modes")
-    if not timeout_s > 0:
-        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-    workers = _usable_cpus() if processes is None else processes
-    if workers < 1:
-        raise ValueError(f"processes must be >= 1, got {processes}")
-
-    out: list[VerifyResult | None] = [None] * len(completions)
-    slow: dict[tuple[str, str], list[int]] = {}  # (answer, gold) -> item indices
-    for i, (completion, gold, mode) in enumerate(zip(completions, golds, modes)):
-        if mode == "choice":
-            out[i] = verify_choice(completion, gold)
-        elif mode == "math":
-            answer = extract_boxed(completion)
-            quick = _quick_math(answer, gold)
-            if quick is not None:
-                out[i] = quick
-            else:
-                assert answer is not None  # _quick_math answers every missing answer
-                slow.setdefault((answer, gold), []).append(i)
-        else:
-            raise ValueError(f"mode must be one of {MODES}; got {mode!r} at index {i}")
-
-    if slow:
-        keyed = list(slow.items())
-        items = [(k, answer, gold) for k, ((answer, gold), _) in enumerate(keyed)]
-        with _POOL_LOCK:
-            if _POOL is None:
-                _POOL = _Pool()
-            verdicts = _POOL.run(items, float(timeout_s), workers)
-        for k, ((answer, _gold), indices) in enumerate(keyed):
-            reward, status = verdicts[k]
-            for i in indices:
-                out[i] = VerifyResult(reward, answer, status)
-    return out  # type: ignore[return-value]

@@ -10,11 +10,11 @@ from spark_core import stages
 from spark_core.config import SparkConfig
 from spark_core.store import Store
 
-from .common import CPU_TIMEOUT_S, task_options
+from .common import CPU_TIMEOUT_S, step_run_name, task_options
 
 
-@task(name="build-reward-data", task_run_name="build-reward-data-it{iteration}",
-      **task_options(gpu=False, timeout_s=CPU_TIMEOUT_S))
-def build_reward_data_task(cfg: SparkConfig, store: str, run_id: str, iteration: int) -> dict[str, Any]:
+@task(name="build-reward-data", task_run_name=step_run_name("build-reward-data"),
+      **task_options(timeout_s=CPU_TIMEOUT_S))
+def build_reward_data_task(cfg: SparkConfig, store: str, run_id: str, iteration: int, step: int = 1) -> dict[str, Any]:
     """`reward_items` from this iteration's groups; `reward_pool` with the batch popped for the reward phase."""
-    return stages.build_reward_data(cfg, Store(store), run_id, iteration)
+    return stages.build_reward_data(cfg, Store(store), run_id, iteration, step=step)

@@ -1,4 +1,4 @@
-"""Evaluation of one benchmark on an iteration's checkpoint (GPU-bound: tag `gpu`)."""
+"""Evaluation of one benchmark on an iteration's checkpoint (GPU-bound, in `flows.steps.GPU_STEPS`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .common import GPU_TIMEOUT_S, task_options
 
 
 @task(name="evaluate", task_run_name="evaluate-{benchmark}-it{iteration}",
-      **task_options(gpu=True, timeout_s=GPU_TIMEOUT_S))
+      **task_options(timeout_s=GPU_TIMEOUT_S))
 def evaluate_task(cfg: SparkConfig, store: str, run_id: str, iteration: int, benchmark: str) -> dict[str, Any]:
     """Accuracy with and without self-reflection, self-judgment quality -> `eval/benchmark={name}`."""
     return stages.evaluate(cfg, Store(store), run_id, iteration, benchmark)

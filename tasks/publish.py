@@ -1,8 +1,19 @@
-"""Prefect artifacts for humans: a metrics table, the stage outputs, and a summary with a plot.
+"""Prefect artifacts for humans, per iteration: a metrics table, the stage outputs, a summary with a plot,
+a preview table per stage, the iteration's lineage and the run index; and the stages as Prefect assets.
 
-Artifact keys are ``spark-{run}-metrics``, ``spark-{run}-stages`` and ``spark-{run}-summary`` (the run id
-slugified: Prefect keys allow only lowercase letters, digits and dashes). Each publish adds a new
-version under the same key, so the Artifacts page shows the latest and keeps the history.
+Their rows, markdown and plot are built by ``spark_core.stages.report`` and ``spark_core.lineage``; this
+module only hands them to Prefect (assets: tasks/assets.py).
+
+Artifact keys (the run id slugified: Prefect keys allow only lowercase letters, digits and dashes):
+
+- ``spark-{run}-metrics`` (table), ``spark-{run}-summary`` (metrics + plot), ``spark-{run}-stages``
+  (row counts and Parquet parts), ``spark-{run}-lineage`` (which stage read what: Mermaid + table),
+  ``spark-{run}-index`` (every iteration with its folder, stages and key metrics);
+- ``spark-{run}-{stage}`` per table stage (``spark-demo-samples``, ``spark-demo-train-phase-policy``):
+  its columns and first rows, long text cut at 80 characters.
+
+Each publish adds a new version under the same key, so the Artifacts page shows the latest and keeps
+one version per iteration, each linked to the flow run that made it.
 
 The metrics plot is written to the store as ``runs/{id}/iter=NNNN/report/metrics.png`` and embedded in
 the summary as a ``data:`` URI: a browser showing the Prefect UI cannot load ``file://`` or private
@@ -11,20 +22,22 @@ the summary as a ``data:`` URI: a browser showing the Prefect UI cannot load ``f
 
 from __future__ import annotations
 
-import base64
-import io
-import math
 from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.settings import get_current_settings
 
-from spark_core import stages
+from spark_core import faults, lineage
 from spark_core.config import SparkConfig
-from spark_core.plots import metrics_plot
-from spark_core.store import Store, iter_name
+from spark_core.layout import iter_name
+from spark_core.stages import report
+from spark_core.store import Store
 
+from .assets import record_assets
 from .common import PUBLISH_TIMEOUT_S, prefect_slug, task_options
+
+RUN_ARTIFACTS = ("metrics", "stages", "summary", "lineage", "index")
 
 
 def artifact_slug(run_id: str) -> str:
@@ -34,79 +47,67 @@ def artifact_slug(run_id: str) -> str:
 
 def artifact_keys(run_id: str) -> dict[str, str]:
     slug = artifact_slug(run_id)
-    return {name: f"spark-{slug}-{name}" for name in ("metrics", "stages", "summary")}
+    return {name: f"spark-{slug}-{name}" for name in RUN_ARTIFACTS}
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe cell: NaN/inf become None, floats are rounded for reading."""
-    if isinstance(value, float):
-        return None if not math.isfinite(value) else round(value, 4)
-    return value
+def stage_artifact_key(run_id: str, stage: str) -> str:
+    """Key of a stage's preview table (`train/phase=policy` -> `spark-{run}-train-phase-policy`)."""
+    return f"spark-{artifact_slug(run_id)}-{prefect_slug(stage)}"
 
 
-def metrics_rows(cfg: SparkConfig, store: Store, run_id: str, up_to: int) -> list[dict[str, Any]]:
-    """One row per iteration 0..up_to, all rows with the same columns."""
-    rows = [stages.iteration_summary(cfg, store, run_id, it)
-            for it in store.list_iterations(run_id) if it <= up_to]
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    return [{c: _clean(row.get(c)) for c in columns} for row in rows]
+def artifact_url(key: str) -> str:
+    """Where the UI shows every version of an artifact key (absolute when the UI URL is known)."""
+    base = (get_current_settings().ui_url or "").rstrip("/")
+    return f"{base}/artifacts/key/{key}"
 
 
-def stages_markdown(store: Store, run_id: str, iteration: int) -> str:
-    lines = [
-        f"### Run `{run_id}`, iteration {iteration}: stage outputs",
-        "",
-        "| stage | rows | location |",
-        "|---|---:|---|",
-    ]
-    for stage, rows in store.list_stages(run_id, iteration).items():
-        uri = store.stage_uri(run_id, iteration, stage)
-        files = store.manifest(uri).get("files", [])
-        if rows is None:
-            where = f"`{uri}/` ({len(files)} files)"
-        else:
-            where = "<br>".join(f"`{uri}/{f}`" for f in files)
-        lines.append(f"| {stage} | {'' if rows is None else rows} | {where} |")
-    lines += [
-        "",
-        "Read one stage across all iterations (the `iter` column comes from the folder names), e.g. with DuckDB:",
-        "",
-        f"`SELECT * FROM read_parquet('{store.run_uri(run_id)}/iter=*/verified/*.parquet', hive_partitioning=true)`",
-    ]
-    return "\n".join(lines)
-
-
-def summary_markdown(row: dict[str, Any], plot_uri: str, png: bytes) -> str:
-    metrics = "\n".join(f"| {k} | {'' if v is None else v} |" for k, v in row.items())
-    data = base64.b64encode(png).decode()
-    return (
-        f"### SPARK iteration {row['iteration']}\n\n| metric | value |\n|---|---|\n{metrics}\n\n"
-        f"![metrics over iterations](data:image/png;base64,{data})\n\nPlot stored at `{plot_uri}`.\n"
-    )
+def publish_previews(store: Store, run_id: str, iteration: int, nodes: list[lineage.StageNode]) -> dict[str, str]:
+    """One table artifact per table stage: its columns and first rows. Returns stage -> artifact key."""
+    keys = {}
+    for node in nodes:
+        if node.kind != "table":
+            continue
+        columns, rows = report.stage_preview(store, node.uri)
+        key = stage_artifact_key(run_id, node.stage)
+        shown = f"first {len(rows)} of {node.rows} rows" if rows else f"{node.rows} rows"
+        # No rows: columns with empty lists, so the UI still shows the table's header.
+        table: Any = rows if rows else {c: [] for c in columns}
+        create_table_artifact(table, key=key, description=(
+            f"{run_id} {iter_name(iteration)} {node.stage}: {shown}, {len(columns)} columns "
+            f"(text cut at {report.PREVIEW_WIDTH} characters). {node.uri}"))
+        keys[node.stage] = key
+    return keys
 
 
 def publish(cfg: SparkConfig, store: Store, run_id: str, iteration: int) -> dict[str, Any]:
-    """Write the plot to the store and create the three artifacts; return their keys and the plot URI."""
+    """Write the plot to the store, create the artifacts and declare the stages as assets."""
     keys = artifact_keys(run_id)
-    rows = metrics_rows(cfg, store, run_id, iteration)
-    buf = io.BytesIO()
-    metrics_plot(stages.metrics_frame(cfg, store, run_id), buf)
-    png = buf.getvalue()
-    plot_uri = store.join(store.iter_uri(run_id, iteration), "report", "metrics.png")
-    store.write_bytes(plot_uri, png)
+    rows = report.metrics_rows(cfg, store, run_id, iteration)
+    plot_uri, png = report.write_plot(cfg, store, run_id, iteration)
+    nodes = lineage.iteration_lineage(store, run_id, iteration)
+    run_uri = store.run_uri(run_id)
+
     create_table_artifact(rows, key=keys["metrics"], description=f"SPARK run {run_id}: metrics per iteration")
-    create_markdown_artifact(stages_markdown(store, run_id, iteration), key=keys["stages"],
+    create_markdown_artifact(report.stages_markdown(store, run_id, iteration), key=keys["stages"],
                              description=f"SPARK run {run_id}: Parquet outputs of {iter_name(iteration)}")
     current = next((r for r in rows if r["iteration"] == iteration), {"iteration": iteration})
-    create_markdown_artifact(summary_markdown(current, plot_uri, png), key=keys["summary"],
+    create_markdown_artifact(report.summary_markdown(current, plot_uri, png), key=keys["summary"],
                              description=f"SPARK run {run_id}: iteration {iteration}")
-    return {"artifacts": list(keys.values()), "plot": plot_uri}
+    # Fault tests hold publishing here: some artifacts exist, the rest and LATEST not (spark_core.faults).
+    faults.hold_point(store.join(run_uri, iter_name(iteration), "publish"), "mid_write")
+    previews = publish_previews(store, run_id, iteration, nodes)
+    create_markdown_artifact(lineage.lineage_markdown(run_id, iteration, nodes, run_uri), key=keys["lineage"],
+                             description=f"SPARK run {run_id}: lineage of {iter_name(iteration)}")
+    links = {stage: artifact_url(key) for stage, key in previews.items()}
+    per_iteration = {it: lineage.iteration_lineage(store, run_id, it) for it in (r["iteration"] for r in rows)}
+    create_markdown_artifact(report.run_index_markdown(run_id, run_uri, rows, per_iteration, links),
+                             key=keys["index"], description=f"SPARK run {run_id}: index of its iterations")
+    assets = record_assets(run_id, iteration, nodes, links)
+    return {"artifacts": [*keys.values(), *previews.values()], "plot": plot_uri, "assets": assets}
 
 
 @task(name="publish", task_run_name="publish-it{iteration}",
-      **task_options(gpu=False, timeout_s=PUBLISH_TIMEOUT_S))
+      **task_options(timeout_s=PUBLISH_TIMEOUT_S))
 def publish_task(cfg: SparkConfig, store: str, run_id: str, iteration: int) -> dict[str, Any]:
-    """Artifacts (metrics table, stage URIs, summary with plot) for the iteration just finished."""
+    """Artifacts (metrics, summary with plot, stage previews, lineage, run index) and the stages as assets."""
     return publish(cfg, Store(store), run_id, iteration)

@@ -184,14 +184,17 @@ class Stack:
         return f"http://{self.settings.host}:{self.settings.s3_port}"
 
     def store_uri(self, prefix: str = "") -> str:
-        """`s3://bucket/prefix` on this stack's S3 server."""
+        """`s3://bucket/prefix` on this stack's S3 server: a store URI, the prefix above `runs/`."""
         return f"s3://{self.settings.bucket}/{prefix.strip('/')}".rstrip("/")
 
     def env(self) -> dict[str, str]:
-        """The environment a client (CLI, flow run, notebook) needs to use this stack."""
+        """The environment a client (CLI, flow run, notebook) needs to use this stack.
+
+        SPARK_STORE is the store every flow run and `spark` command uses when none is given."""
         key_id, secret = self.credentials()
         return {
             "PREFECT_API_URL": self.api_url,
+            "SPARK_STORE": self.store_uri(),
             "AWS_ACCESS_KEY_ID": key_id,
             "AWS_SECRET_ACCESS_KEY": secret,
             "AWS_ENDPOINT_URL": self.s3_endpoint,
@@ -325,6 +328,8 @@ class Stack:
         self._check_port("the Prefect server", self.settings.prefect_port)
         env = self._base_env()
         env.pop("PREFECT_API_URL", None)
+        # The UI asks this URL for its API; Prefect's default assumes port 4200, so another port needs it.
+        env["PREFECT_UI_API_URL"] = self.api_url
         if self.settings.database_url:
             env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = self.settings.database_url
         env.update(extra_env or {})
@@ -343,6 +348,10 @@ class Stack:
 
     def stop_server(self, grace_s: float = 20) -> bool:
         return self._procs["server"].stop(signal.SIGTERM, grace_s)
+
+    def kill_server(self) -> None:
+        """SIGKILL the Prefect server and its children (a crash: no shutdown, no final SQLite commit)."""
+        self._procs["server"].kill()
 
     # ---- Prefect worker
     def ensure_work_pool(self) -> bool:

@@ -48,7 +48,20 @@ def vllm_engine_from_config(cfg: SparkConfig, checkpoint_dir: str | os.PathLike[
         lora_path=weights.adapter_path,
         max_lora_rank=weights.rank,
         trust_remote_code=cfg.model.trust_remote_code,
+        limit_mm_per_prompt=_image_limit(weights.model_path),
+        enable_sleep_mode=s.vllm_sleep_mode,
     )
+
+
+# Images per prompt vLLM reserves room for with a vision-language checkpoint: the pipeline shows a
+# question's images once per prompt, and the paper's sets have one image per question.
+VLLM_IMAGES_PER_PROMPT = 4
+
+
+def _image_limit(model_path: str | os.PathLike[str]) -> dict[str, int] | None:
+    from ..vision import is_vision_folder
+
+    return {"image": VLLM_IMAGES_PER_PROMPT} if is_vision_folder(model_path) else None
 
 
 def openai_engine_from_config(
@@ -103,3 +116,27 @@ def make_engine(
     if kind == "openai":
         return openai_engine_from_config(cfg, tokenizer, checkpoint_dir)
     raise ValueError(f"unknown sampling.engine {kind!r}")
+
+
+# Which kinds sample from the in-process model (they follow every update of the live weights, nothing to
+# reload), and which load a checkpoint folder in a process of their own on this machine's accelerator
+# (the in-process model has to give the accelerator up first). openai is neither: its server lives elsewhere
+# and is pointed at each new checkpoint folder.
+_LIVE_MODEL_KINDS = frozenset({"hf"})
+_OWN_ACCELERATOR_KINDS = frozenset({"vllm"})
+
+
+def uses_live_model(kind: str) -> bool:
+    """Whether an engine of this kind samples from the in-process weights (so it stays valid after training)."""
+    return kind in _LIVE_MODEL_KINDS
+
+
+def needs_free_accelerator(kind: str) -> bool:
+    """Whether an engine of this kind loads its weights onto this machine's accelerator in another process."""
+    return kind in _OWN_ACCELERATOR_KINDS
+
+
+def keeps_engine(cfg: SparkConfig) -> bool:
+    """Whether one engine process serves every phase, sharing the accelerator with the trainer (it sleeps
+    while the trainer runs and takes new weights in place) instead of being stopped before each update."""
+    return cfg.sampling.engine == "vllm" and cfg.sampling.vllm_sleep_mode

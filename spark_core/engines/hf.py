@@ -9,6 +9,10 @@ Padding (pad or EOS ids that generate appends after a sequence has finished) is 
 Sampling uses transformers' own processors with every knob set explicitly (no top-k, no repetition
 penalty) so the model's `generation_config` cannot change what is sampled. Each batch is seeded from
 `SamplingParams.seed` and its index inside a forked RNG.
+
+Vision-language models (the tokenizer carries an ``image_processor``, `spark_core.models.load_tokenizer`):
+``generate(..., images=...)`` takes each prompt's image bytes; the prompt's image placeholders are
+expanded and the pixel values and image grids go to ``model.generate`` (`spark_core.vision.VisionInputs`).
 """
 
 from __future__ import annotations
@@ -55,16 +59,34 @@ class HFEngine:
         # Pad also ends a sequence: a model that emits it has nothing more to say, and generate would
         # otherwise keep sampling after it.
         self.stop_token_ids: list[int] = sorted(eos_ids | {pad})
+        image_processor = getattr(tokenizer, "image_processor", None)
+        self.vision = None
+        if image_processor is not None:
+            from ..vision import VisionInputs
+
+            self.vision = VisionInputs(tokenizer, image_processor)
 
     # ------------------------------------------------------------------------------------------ api
 
-    def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
-        """result[i][j] is sample j of prompt i; identical for the same seed, prompts and weights."""
+    def generate(self, prompts: list[str], params: SamplingParams,
+                 images: list[list[bytes]] | None = None) -> list[list[Completion]]:
+        """result[i][j] is sample j of prompt i; identical for the same seed, prompts and weights.
+
+        ``images[i]``: the image bytes of prompt i (vision-language models only)."""
         if params.n < 1:
             raise ValueError(f"n must be >= 1, got {params.n}")
+        if images is not None and any(images):
+            if self.vision is None:
+                raise ValueError("images were given but the model has no image processor (not a vision-language model)")
+            if len(images) != len(prompts):
+                raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
+        else:
+            images = None
         # Sequence k of the flat list is sample k % n of prompt k // n; keeping a prompt's samples
         # adjacent keeps padding within a batch small.
-        flat = [p for p in prompts for _ in range(params.n)]
+        flat: list[Any] = [p for p in prompts for _ in range(params.n)]
+        if images is not None:
+            flat = [(p, imgs) for p, imgs in zip(prompts, images) for _ in range(params.n)]
         batches = [flat[i : i + self.batch_size] for i in range(0, len(flat), self.batch_size)]
         out: list[Completion] = []
         was_training = self.model.training
@@ -106,12 +128,29 @@ class HFEngine:
             kwargs["stop_strings"] = list(params.stop)
         return GenerationConfig(**kwargs)
 
+    def _encode(self, batch: list[Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Left-padded inputs of a batch and the vision tensors (empty for text prompts)."""
+        if not batch or isinstance(batch[0], str):
+            enc = self.tokenizer(batch, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+            return dict(enc.to(self.device)), {}
+        from ..vision import collate_vision
+
+        assert self.vision is not None
+        encoded = [self.vision.encode(text, imgs) for text, imgs in batch]
+        width = max(len(ids) for ids, _ in encoded)
+        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (ids, _) in enumerate(encoded):
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids):] = 1
+        enc = {"input_ids": input_ids.to(self.device), "attention_mask": attention.to(self.device)}
+        return enc, collate_vision([v for _, v in encoded], self.device)
+
     @torch.inference_mode()
-    def _generate_batch(self, texts: list[str], params: SamplingParams, seed: int) -> list[Completion]:
-        enc = self.tokenizer(
-            texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt"
-        ).to(self.device)
+    def _generate_batch(self, texts: list[Any], params: SamplingParams, seed: int) -> list[Completion]:
+        enc, vision = self._encode(texts)
         extra: dict[str, Any] = {"tokenizer": self.tokenizer} if params.stop else {}
+        extra.update(vision)
         devices = [self.device] if self.device.type == "cuda" else []
         # Seed a forked RNG: the batch is reproducible and the caller's random state is left alone.
         with torch.random.fork_rng(devices=devices):

@@ -1,7 +1,11 @@
 """The `openai` engine: sampling from a separately running OpenAI-compatible server.
 
 Any server with ``POST {base_url}/completions`` works (vLLM serve, SGLang, llama.cpp's server). Prompts are
-sent already formatted (chat template applied), as raw completions, never through the chat endpoint.
+sent already formatted (chat template applied), as raw completions, never through the chat endpoint --
+except prompts with images (vision-language models): the completions endpoint takes no images, so such
+a prompt (ChatML, as Qwen2-VL / Qwen2.5-VL templates write it) is split back into its turns and sent to
+``POST {base_url}/chat/completions`` with each image placeholder as an ``image_url`` content part holding
+a base64 ``data:`` URL (capped at ``images.MAX_PIXELS``); the server's template renders the same text.
 
 * **n samples.** One request asks for ``n`` choices with a per-prompt ``seed``. A server that returns
   fewer (llama.cpp ignores ``n > 1``) gets the missing samples as separate ``n=1`` requests with derived
@@ -28,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import subprocess
 import time
@@ -146,23 +151,29 @@ class OpenAIEngine:
 
     # ------------------------------------------------------------------------------- generate
 
-    def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
-        """``params.n`` completions per prompt; result[i][j] is sample j of prompt i."""
+    def generate(self, prompts: list[str], params: SamplingParams,
+                 images: list[list[bytes]] | None = None) -> list[list[Completion]]:
+        """``params.n`` completions per prompt; result[i][j] is sample j of prompt i. ``images[i]``: prompt
+        i's image bytes; such prompts go to the chat endpoint with image content parts."""
         if params.n < 1:
             raise ValueError(f"n must be >= 1, got {params.n}")
         if not prompts:
             return []
+        if images is not None and len(images) != len(prompts):
+            raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
         model = self.model
-        jobs = list(enumerate(prompts))
+        jobs: list[tuple[int, Any]] = list(enumerate(prompts))
+        if images is not None and any(images):
+            jobs = [(i, chat_messages(p, imgs) if imgs else p) for (i, p), imgs in zip(jobs, images)]
         if self.max_concurrency == 1 or len(jobs) == 1:
             return [self._sample_prompt(model, i, p, params) for i, p in jobs]
         with ThreadPoolExecutor(self.max_concurrency) as pool:
             return list(pool.map(lambda job: self._sample_prompt(model, job[0], job[1], params), jobs))
 
-    def _body(self, model: str, prompt: str, params: SamplingParams, n: int, seed: int) -> dict[str, Any]:
+    def _body(self, model: str, prompt: Any, params: SamplingParams, n: int, seed: int) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": model,
-            "prompt": prompt,
+            **({"prompt": prompt} if isinstance(prompt, str) else {"messages": prompt}),
             "n": n,
             "temperature": params.temperature,
             "top_p": params.top_p,
@@ -179,25 +190,26 @@ class OpenAIEngine:
             body["return_tokens_as_token_ids"] = True
         return body
 
-    def _sample_prompt(self, model: str, index: int, prompt: str, params: SamplingParams) -> list[Completion]:
+    def _sample_prompt(self, model: str, index: int, prompt: Any, params: SamplingParams) -> list[Completion]:
         choices: list[dict[str, Any]] = []
+        path = "/completions" if isinstance(prompt, str) else "/chat/completions"
         if not self.server_ignores_n or params.n == 1:
-            resp = self._request("POST", "/completions", self._body(model, prompt, params, params.n, prompt_seed(params.seed, index)))
+            resp = self._request("POST", path, self._body(model, prompt, params, params.n, prompt_seed(params.seed, index)))
             choices = sorted(resp.get("choices", []), key=lambda c: c.get("index", 0))[: params.n]
             if len(choices) < params.n:
                 if not self.server_ignores_n:
                     log.info("server returned %d of %d choices: requesting samples one at a time", len(choices), params.n)
                 self.server_ignores_n = True
         for j in range(len(choices), params.n):
-            resp = self._request("POST", "/completions", self._body(model, prompt, params, 1, sample_seed(params.seed, index, j)))
+            resp = self._request("POST", path, self._body(model, prompt, params, 1, sample_seed(params.seed, index, j)))
             got = resp.get("choices", [])
             if not got:
-                raise OpenAIEngineError(f"{self.base_url}/completions returned no choice for prompt {index}")
+                raise OpenAIEngineError(f"{self.base_url}{path} returned no choice for prompt {index}")
             choices.append(got[0])
         return [self._completion(c, params) for c in choices]
 
     def _completion(self, choice: dict[str, Any], params: SamplingParams) -> Completion:
-        text = choice.get("text") or ""
+        text = choice.get("text") or (choice.get("message") or {}).get("content") or ""
         reason = choice.get("finish_reason") or "stop"
         return Completion(text=text, token_ids=self._token_ids(choice, text, reason, params), finish_reason=reason)
 
@@ -205,7 +217,9 @@ class OpenAIEngine:
         ids = choice.get("token_ids")
         if isinstance(ids, list):
             return [int(t) for t in ids]
-        tokens = (choice.get("logprobs") or {}).get("tokens") or []
+        logprobs = choice.get("logprobs") or {}
+        # completions: logprobs.tokens; chat completions: logprobs.content[].token
+        tokens = logprobs.get("tokens") or [c.get("token") for c in logprobs.get("content") or []]
         if tokens and all(isinstance(t, str) and t.startswith("token_id:") for t in tokens):
             return [int(t.split(":", 1)[1]) for t in tokens]
         if self.tokenizer is None:
@@ -272,3 +286,41 @@ class OpenAIEngine:
                 self._request("POST", "/unload_lora_adapter", {"lora_name": previous}, expect_json=False)
             except OpenAIEngineError as err:  # a stale adapter only costs server memory
                 log.warning("could not unload LoRA adapter %s: %s", previous, err)
+
+
+_TURN_RE = re.compile(r"<\|im_start\|>(\w+)\n(.*?)<\|im_end\|>\n?", re.S)
+_GENERATION_OPENER = "<|im_start|>assistant\n"
+
+
+def chat_messages(prompt: str, images: list[bytes]) -> list[dict[str, Any]]:
+    """The turns of a formatted ChatML prompt as chat messages, each image placeholder replaced by an
+    ``image_url`` part (base64 PNG data URL), in order; the trailing assistant opener is dropped (the
+    server's template adds it back). Anything else than whole turns is refused: it could not round-trip."""
+    from ..images import data_url
+    from ..vision import IMAGE_PLACEHOLDER
+
+    if not prompt.endswith(_GENERATION_OPENER):
+        raise OpenAIEngineError(
+            "a prompt with images must be a ChatML prompt ending with the assistant opener (the Qwen2-VL / "
+            "Qwen2.5-VL chat template): the openai engine sends it through /chat/completions")
+    body = prompt[: -len(_GENERATION_OPENER)]
+    turns = list(_TURN_RE.finditer(body))
+    if "".join(m.group(0) for m in turns) != body:
+        raise OpenAIEngineError("a prompt with images is not made of whole ChatML turns; cannot send it as chat messages")
+    if sum(m.group(2).count(IMAGE_PLACEHOLDER) for m in turns) != len(images):
+        raise OpenAIEngineError(f"the prompt's image placeholders do not match its {len(images)} image(s)")
+    pending = list(images)
+    messages: list[dict[str, Any]] = []
+    for m in turns:
+        pieces = m.group(2).split(IMAGE_PLACEHOLDER)
+        if len(pieces) == 1:
+            messages.append({"role": m.group(1), "content": pieces[0]})
+            continue
+        parts: list[dict[str, Any]] = []
+        for k, text in enumerate(pieces):
+            if k:
+                parts.append({"type": "image_url", "image_url": {"url": data_url(pending.pop(0))}})
+            if text:
+                parts.append({"type": "text", "text": text})
+        messages.append({"role": m.group(1), "content": parts})
+    return messages

@@ -4,8 +4,15 @@ The main process never imports vLLM (its pins clash with Prefect's). On the firs
 engine starts :mod:`spark_core.engines.vllm_worker` by FILE PATH with the vLLM environment's interpreter
 (``sampling.vllm_python``, built by ``infra/envs/vllm/setup.sh``); the worker loads the checkpoint once
 and answers one job per ``generate`` call, exchanging Parquet files in a scratch folder. ``close()``
-ends the worker, which releases all of its GPU memory: call it between pipeline phases (before the
-trainer needs the GPU).
+ends the worker, which releases all of its GPU memory.
+
+Lifecycle (``engines.base``): with ``enable_sleep_mode`` one worker serves a whole iteration: ``sleep()``
+frees the GPU while the trainer runs (vLLM sleep level 2: weights and KV cache discarded, since new
+weights follow), ``update_weights(state_dict)`` wakes the weight memory only, sends the trainer's new
+weights (one safetensors file in the scratch folder) and the worker loads them in place; the next
+generate wakes the KV cache (vLLM's documented order for RLHF weight updates, lowest peak memory). Without it, ``update_weights`` still loads in place, but the worker holds its GPU memory
+while the trainer runs (the caller restarts it instead where the GPU is shared). Adapter (LoRA)
+checkpoints are not updated in place: the caller restarts the worker on the new adapter.
 
 Every failure says what to do: interpreter not found, ``vllm`` not importable in it, no CUDA device,
 or a worker crash (with the tail of its log).
@@ -77,6 +84,23 @@ def sampling_payload(params: SamplingParams) -> dict[str, Any]:
     }
 
 
+def _encoded(images: list[list[bytes]]) -> list[list[bytes]]:
+    """Each image as the model is shown it (RGB, within MAX_PIXELS), PNG-encoded for the worker."""
+    import io
+
+    from ..images import model_image
+
+    out = []
+    for blobs in images:
+        row = []
+        for data in blobs:
+            buf = io.BytesIO()
+            model_image(data).save(buf, format="PNG")
+            row.append(buf.getvalue())
+        out.append(row)
+    return out
+
+
 class VLLMEngine:
     """Generate with vLLM in a separate environment (implements ``engines.base.Engine``).
 
@@ -101,6 +125,8 @@ class VLLMEngine:
         trust_remote_code: bool = False,
         env: dict[str, str] | None = None,
         job_timeout_s: float | None = None,
+        limit_mm_per_prompt: dict[str, int] | None = None,
+        enable_sleep_mode: bool = False,
     ) -> None:
         self.checkpoint_dir = Path(checkpoint_dir).resolve()
         if not (self.checkpoint_dir / "config.json").exists():
@@ -120,6 +146,8 @@ class VLLMEngine:
             "lora_path": str(Path(lora_path).resolve()) if lora_path else None,
             "max_lora_rank": max_lora_rank,
             "require_cuda": bool(require_cuda),
+            "limit_mm_per_prompt": limit_mm_per_prompt,
+            "enable_sleep_mode": bool(enable_sleep_mode),
         }
         wire.llm_kwargs(self.engine_params)  # fail here, not in the subprocess, on bad values
         self.env = env
@@ -128,6 +156,9 @@ class VLLMEngine:
         self._log_fh: IO[bytes] | None = None
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         self._jobs = 0
+        self._pending_weights: dict[str, Any] | None = None  # new weights for a worker not started yet
+        self._asleep: str | None = None  # "all" (weights and KV cache discarded) | "kv_cache" | None
+        self.weight_updates = 0
 
     # ------------------------------------------------------------------------------- process
 
@@ -146,6 +177,8 @@ class VLLMEngine:
         params_path.write_text(json.dumps(self.engine_params))
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # vLLM V1 serializes a callable passed to LLM.collective_rpc (update_weights) only when allowed.
+        env.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         self._log_fh = open(scratch / "worker.log", "wb")  # noqa: SIM115 - lives as long as the worker
         cmd = [self.python, str(WORKER_FILE), "--engine-params", str(params_path)]
         log.info("starting vLLM worker: %s", " ".join(cmd))
@@ -172,6 +205,7 @@ class VLLMEngine:
             self._scratch.cleanup()
             self._scratch = None
         self._proc = None
+        self._asleep = None
 
     def close(self) -> None:
         """End the worker (closing its stdin lets it exit cleanly) and free its GPU memory."""
@@ -202,16 +236,94 @@ class VLLMEngine:
         except Exception:
             pass
 
+    # ----------------------------------------------------------------------------- lifecycle
+
+    def supports_weight_update(self) -> bool:
+        return not self.engine_params["lora_path"]
+
+    def update_weights(self, state_dict: dict[str, Any]) -> None:
+        """Load new weights (HF names -> tensors, as the trainer's model holds them) into the served model
+        in place; a worker not started yet gets them right after it loads the checkpoint folder."""
+        if not self.supports_weight_update():
+            raise VLLMEngineError("adapter (LoRA) checkpoints are not updated in place: restart the engine")
+        if self._proc is None:
+            self._pending_weights = state_dict
+            return
+        if self._asleep == "all":
+            self._control({"op": "wake_up", "tags": ["weights"]})  # room for the weights only
+            self._asleep = "kv_cache"
+        self._send_weights(state_dict)
+
+    def _send_weights(self, state_dict: dict[str, Any]) -> None:
+        from safetensors.torch import save_file  # noqa: PLC0415
+
+        assert self._scratch is not None
+        path = Path(self._scratch.name) / f"weights-{self._jobs + 1:05d}.safetensors"
+        tensors, seen = {}, set()
+        for name, value in state_dict.items():
+            t = value.detach().to("cpu").contiguous()
+            # safetensors refuses tensors sharing memory (tied embeddings): such a one gets its own copy
+            tensors[name] = t.clone() if t.data_ptr() in seen else t
+            seen.add(t.data_ptr())
+        save_file(tensors, str(path))
+        try:
+            self._control({"op": "update_weights", "weights": str(path)})
+        finally:
+            path.unlink(missing_ok=True)
+        self.weight_updates += 1
+
+    def sleep(self) -> None:
+        """Free the GPU while the trainer runs (weights and KV cache discarded: ``update_weights`` must
+        follow before the next generate); a no-op without sleep mode or before the worker started."""
+        if self.engine_params["enable_sleep_mode"] and self.running and self._asleep is None:
+            self._control({"op": "sleep", "level": 2})
+            self._asleep = "all"
+
+    def wake_up(self) -> None:
+        """Make the engine ready to generate (called by ``generate``)."""
+        if self._asleep == "all":
+            raise VLLMEngineError("the vLLM worker slept with its weights discarded: send update_weights first")
+        if self._asleep == "kv_cache" and self.running:
+            self._control({"op": "wake_up", "tags": ["kv_cache"]})
+        self._asleep = None
+
+    def _control(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Send one lifecycle job to the running worker and wait for its status."""
+        if not self.running:
+            raise self._died(self._proc.returncode if self._proc is not None else -1)
+        assert self._proc is not None and self._proc.stdin is not None and self._scratch is not None
+        self._jobs += 1
+        status_path = Path(self._scratch.name) / f"job-{self._jobs:05d}.status.json"
+        try:
+            self._proc.stdin.write((json.dumps({**job, "status": str(status_path)}) + "\n").encode())
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            raise self._died(self._proc.wait()) from None
+        status = self._wait(status_path)
+        status_path.unlink(missing_ok=True)
+        if not status.get("ok"):
+            raise VLLMEngineError(f"vLLM {job['op']} failed in the worker:\n{status.get('error', status)}")
+        log.info("vLLM %s in %.1fs", job["op"], status.get("seconds", 0.0))
+        return status
+
     # ------------------------------------------------------------------------------ generate
 
-    def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
-        """``params.n`` completions per prompt; result[i][j] is sample j of prompt i."""
+    def generate(self, prompts: list[str], params: SamplingParams,
+                 images: list[list[bytes]] | None = None) -> list[list[Completion]]:
+        """``params.n`` completions per prompt; result[i][j] is sample j of prompt i. ``images[i]``: prompt
+        i's image bytes (vision-language checkpoints), sent as PNG capped at ``images.MAX_PIXELS``."""
         if not prompts:
             return []
+        if images is not None and len(images) != len(prompts):
+            raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
         if self._proc is not None and not self.running:
             raise self._died(self._proc.returncode)
         if self._proc is None:
             self._start()
+            if self._pending_weights is not None:
+                pending, self._pending_weights = self._pending_weights, None
+                self._send_weights(pending)
+        self.wake_up()
         assert self._proc is not None and self._proc.stdin is not None and self._scratch is not None
         self._jobs += 1
         base = Path(self._scratch.name) / f"job-{self._jobs:05d}"
@@ -219,6 +331,8 @@ class VLLMEngine:
         output = base.with_suffix(".response.parquet")
         status_path = base.with_suffix(".status.json")
         table = pa.table({"prompt_index": list(range(len(prompts))), "prompt": list(prompts)}, schema=wire.REQUEST_SCHEMA)
+        if images is not None and any(images):
+            table = table.append_column(wire.IMAGES_FIELD, pa.array(_encoded(images), wire.IMAGES_FIELD.type))
         pq.write_table(table, request)
         job = {"request": str(request), "sampling": sampling_payload(params), "output": str(output), "status": str(status_path)}
         try:

@@ -4,7 +4,7 @@ vLLM cannot share an environment with Prefect (their fastapi pins clash) and its
 released between pipeline phases, so the main process never imports vLLM. It starts this file as a
 subprocess with the vLLM environment's interpreter (``sampling.vllm_python``), by file path, so that
 nothing else of ``spark_core`` is imported. This module therefore imports ONLY the standard library,
-``pyarrow`` and (lazily, in :func:`serve`) ``vllm``.
+``pyarrow`` and (lazily) ``vllm`` and vLLM's own dependency ``safetensors`` (weight updates).
 
 Protocol (all files live in a scratch folder the caller owns):
 
@@ -14,6 +14,13 @@ Protocol (all files live in a scratch folder the caller owns):
   response Parquet has ``prompt_index, sample_idx, text, token_ids, finish_reason``. After each job the
   worker writes ``S.json`` (``{"ok": true, ...}`` or ``{"ok": false, "error": ...}``), always after the
   output file, both atomically. End of stdin ends the worker and frees the GPU.
+* Control jobs (the lifecycle of ``engines.base``: one worker serves a whole iteration) carry an ``op``:
+  ``{"op": "update_weights", "weights": W.safetensors, "status": S.json}`` loads the trainer's new
+  weights in place (``LLM.collective_rpc`` runs :func:`load_weights_in_worker` in every vLLM worker,
+  which hands the tensors to the model's own ``load_weights``; then the prefix cache is reset, since
+  cached KV belongs to the old weights); ``{"op": "sleep", "level": 2}`` / ``{"op": "wake_up", "tags":
+  [...]}`` call ``LLM.sleep`` / ``LLM.wake_up`` (needs ``enable_sleep_mode``): the GPU is free while the
+  trainer runs.
 * ``python vllm_worker.py --probe`` prints one JSON line (vLLM version, CUDA device count) and exits
   with the same codes as below; ``infra/envs/vllm/setup.sh`` uses it to check a fresh environment.
 
@@ -46,6 +53,8 @@ EXIT_NO_CUDA = 11
 EXIT_BAD_INPUT = 12
 
 REQUEST_SCHEMA = pa.schema([("prompt_index", pa.int64()), ("prompt", pa.string())])
+# Vision-language requests add this column: each prompt's encoded images (PNG bytes), in placeholder order.
+IMAGES_FIELD = pa.field("images", pa.list_(pa.binary()))
 RESPONSE_SCHEMA = pa.schema(
     [
         ("prompt_index", pa.int64()),
@@ -69,6 +78,8 @@ _ENGINE_KEYS = {
     "lora_path": (str, type(None)),
     "max_lora_rank": (int, type(None)),
     "require_cuda": bool,
+    "limit_mm_per_prompt": (dict, type(None)),
+    "enable_sleep_mode": bool,
 }
 _SAMPLING_KEYS = {
     "n": int,
@@ -117,6 +128,11 @@ def llm_kwargs(engine: dict[str, Any]) -> dict[str, Any]:
         raise BadInput("engine params: gpu_memory_utilization must be in (0, 1]")
     if engine.get("max_model_len") is not None:
         kwargs["max_model_len"] = engine["max_model_len"]
+    if engine.get("limit_mm_per_prompt"):
+        # images per prompt vLLM makes room for (vision-language checkpoints)
+        kwargs["limit_mm_per_prompt"] = dict(engine["limit_mm_per_prompt"])
+    if engine.get("enable_sleep_mode"):
+        kwargs["enable_sleep_mode"] = True
     if engine.get("lora_path"):
         # base + adapter checkpoints: vLLM applies the adapter per request (LoRARequest).
         kwargs["enable_lora"] = True
@@ -178,6 +194,33 @@ def read_request(path: str) -> tuple[list[int], list[str]]:
     if len(set(indices)) != len(indices):
         raise BadInput(f"request {path}: duplicate prompt_index values")
     return indices, prompts
+
+
+def read_images(path: str) -> list[list[bytes]] | None:
+    """Each prompt's image bytes when the request carries an ``images`` column, else None."""
+    table = pq.read_table(path)
+    if IMAGES_FIELD.name not in table.column_names:
+        return None
+    return [list(x or []) for x in table.column(IMAGES_FIELD.name).to_pylist()]
+
+
+def request_prompts(prompts: list[str], images: list[list[bytes]] | None) -> list[Any]:
+    """vLLM prompts: the text itself, or for a prompt with images the documented multimodal form
+    ``{"prompt": text, "multi_modal_data": {"image": [PIL images]}}`` (one image per placeholder)."""
+    if images is None:
+        return list(prompts)
+    import io
+
+    from PIL import Image  # a dependency of vLLM itself
+
+    out: list[Any] = []
+    for text, blobs in zip(prompts, images):
+        if not blobs:
+            out.append(text)
+            continue
+        pictures = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
+        out.append({"prompt": text, "multi_modal_data": {"image": pictures}})
+    return out
 
 
 def response_table(indices: list[int], outputs: list[Any]) -> pa.Table:
@@ -253,6 +296,10 @@ def run_job(llm: Any, vllm: Any, lora_request: Any, job: dict[str, Any]) -> dict
     """Generate for one request file and write the response file; returns the status payload."""
     start = time.perf_counter()
     indices, prompts = read_request(job["request"])
+    images = read_images(job["request"])
+    if images is not None and len(images) != len(prompts):
+        raise BadInput(f"request {job['request']}: {len(images)} image lists for {len(prompts)} prompts")
+    prompts = request_prompts(prompts, images)
     sampling = job["sampling"]
     per_prompt = [vllm.SamplingParams(**sampling_kwargs(sampling, i)) for i in indices]
     outputs = llm.generate(prompts, per_prompt, use_tqdm=False, lora_request=lora_request) if prompts else []
@@ -260,6 +307,38 @@ def run_job(llm: Any, vllm: Any, lora_request: Any, job: dict[str, Any]) -> dict
     write_table_atomic(table, job["output"])
     tokens = sum(len(ids) for ids in table.column("token_ids").to_pylist())
     return {"ok": True, "rows": table.num_rows, "generated_tokens": tokens, "seconds": time.perf_counter() - start}
+
+
+def load_weights_in_worker(worker: Any, path: str) -> int:
+    """Run INSIDE each vLLM worker by ``LLM.collective_rpc`` (which passes the worker as the first
+    argument): load the safetensors file at `path` into the served model in place; return the tensor count.
+    The model's ``load_weights`` takes (name, tensor) pairs under the HF checkpoint's names and does the
+    sharding and fusing (qkv, gate/up) itself, as when it loaded the checkpoint folder."""
+    from safetensors.torch import load_file  # noqa: PLC0415 - vLLM's environment has it
+
+    tensors = load_file(path)
+    worker.model_runner.model.load_weights(weights=list(tensors.items()))
+    return len(tensors)
+
+
+def run_control(llm: Any, job: dict[str, Any]) -> dict[str, Any]:
+    """A lifecycle job: update_weights | sleep | wake_up; returns the status payload."""
+    start = time.perf_counter()
+    op = job["op"]
+    if op == "update_weights":
+        loaded = llm.collective_rpc(load_weights_in_worker, args=(job["weights"],))
+        if callable(getattr(llm, "reset_prefix_cache", None)):
+            llm.reset_prefix_cache()
+        out: dict[str, Any] = {"tensors": loaded}
+    elif op == "sleep":
+        llm.sleep(level=int(job.get("level", 1)))
+        out = {}
+    elif op == "wake_up":
+        llm.wake_up(tags=job.get("tags"))
+        out = {}
+    else:
+        raise BadInput(f"unknown op {op!r}")
+    return {"ok": True, "op": op, "seconds": time.perf_counter() - start, **out}
 
 
 def serve(engine_params_path: str) -> int:
@@ -285,7 +364,7 @@ def serve(engine_params_path: str) -> int:
             continue
         job = json.loads(line)
         try:
-            status = run_job(llm, vllm, lora_request, job)
+            status = run_control(llm, job) if "op" in job else run_job(llm, vllm, lora_request, job)
         except BadInput as err:
             status = {"ok": False, "error": f"bad input: {err}"}
         except Exception:  # report any generation failure to the caller; the worker stays usable

@@ -69,7 +69,11 @@ def _print_exports(stack: Stack, env_file: Path) -> None:
     for key, value in stack.env().items():
         shown = f"<in {env_file}>" if key in _SECRET_VARS else value
         typer.echo(f"  export {key}={shown}")
-    typer.echo(f"Store URI on this stack: {stack.store_uri()}  (e.g. spark run --store {stack.store_uri()})")
+    store = stack.store_uri()
+    typer.echo(
+        f"Store on this stack: {store} (SPARK_STORE: the default of `spark` commands and deployed flow runs "
+        f"once env.sh is loaded); a run lives under {store}/runs/RUN, list them with `spark ls {store}`"
+    )
 
 
 @stack_app.command("up")

@@ -7,11 +7,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import typer
 
 from deployments.deploy import PREFECT_FILE, DeployError, deploy
+from flows.common import STORE_ENV
 
 deploy_app = typer.Typer(help="Register the SPARK deployments (deployments/prefect.yaml) on a Prefect server.")
 
@@ -30,7 +32,12 @@ def deploy_command(
     for d in deployed:
         params = ", ".join(d.parameter_schema.get("properties", {}))
         typer.echo(f"{d.name:<34} id {d.id}  pool {d.work_pool}  schedules {d.schedules}  parameters: {params}")
+    store = os.environ.get(STORE_ENV)
+    where = (f"their store is the worker's SPARK_STORE={store}" if store else
+             "their store is the worker's $SPARK_STORE (unset here: load the stack's env.sh), else ./spark-store")
     typer.echo(
-        f"Registered from {PREFECT_FILE}. Trigger one in the UI (Run > Custom run shows the config form) or with "
-        "`prefect deployment run spark-iteration/spark-iteration --param run_id=RUN` for an existing run."
+        f"Registered from {PREFECT_FILE}; {where}.\n"
+        "Start a run in the UI: Run > Custom run, choose a preset, change only what you need under overrides.\n"
+        "Continue an existing run with just its id: "
+        "prefect deployment run spark-iteration/spark-iteration --param run_id=RUN"
     )

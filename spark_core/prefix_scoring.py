@@ -1,0 +1,141 @@
+"""Completion log-probs without gradients, each shared prompt forwarded once.
+
+GRPO scores K completions of the same prompt. A plain forward over the K prompt+completion sequences
+processes the prompt K times; here a first pass runs each distinct prompt once with the KV cache on,
+the cache rows are then repeated for every completion of that prompt, and a second pass runs only the
+completion tokens on top of it. The first completion token's log-prob comes from the prompt pass's last
+position. Same model, same positions, same masks: the values equal a full forward up to float rounding
+(the attention kernels sum in another order; see tests/unit/test_trainer.py for the tolerance).
+
+Used by ``Trainer._score`` (reference and old log-probs) in a single process; under several ranks the
+trainer keeps its lockstep full forwards (a sharded model needs the same calls on every rank).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+
+import torch
+
+# Float32 logits handled per log-softmax call (64M floats = 256 MB): a full-vocabulary float32 copy of a
+# large micro-batch never exists at once. Shared by the trainer's forward (with gradients) and this module.
+_LOGSOFTMAX_CHUNK = 64 * 1024 * 1024
+
+
+def _cache_name() -> str:
+    """The model-forward keyword (and output field) of the KV cache: `cache` in recent transformers 5.x,
+    `past_key_values` before (deprecated, removed in 5.40)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def shares_prompts(prompts: Sequence[tuple[int, ...]]) -> bool:
+    """Whether some prompt occurs more than once (only then is a prompt pass saved)."""
+    return len(set(prompts)) < len(prompts)
+
+
+def picked_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature) at `targets`, in float32, a few rows at a time. [n, T].
+    Differentiable: the trainer's completion log-probs go through it too."""
+    if logits.shape[0] == 0:
+        return torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+    # Zero-width rows still go through the ops below: the result stays part of the autograd graph.
+    per_row = max(1, logits[0].numel())
+    rows = max(1, _LOGSOFTMAX_CHUNK // per_row)
+    parts = []
+    for start in range(0, logits.shape[0], rows):
+        chunk = logits[start : start + rows].float()
+        if temperature != 1.0:
+            chunk = chunk / temperature
+        picked = chunk.gather(-1, targets[start : start + rows].unsqueeze(-1)).squeeze(-1)
+        parts.append(picked - torch.logsumexp(chunk, dim=-1))
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def shared_prompt_logprobs(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    device: torch.device,
+    temperature: float = 1.0,
+    max_sequences: int = 16,
+    autocast: Callable[[], AbstractContextManager[object]] | None = None,
+) -> list[torch.Tensor]:
+    """Log-probs (float32, CPU) of each completion given its prompt, one tensor per sequence.
+
+    Sequences are grouped by prompt; a forward pair (prompts, then completions) takes whole groups up to
+    ``max_sequences`` completions (a larger group goes alone)."""
+    if len(prompts) != len(completions):
+        raise ValueError("one prompt per completion")
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"sequence {i}: empty prompt")
+        groups.setdefault(tuple(int(t) for t in p), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(prompts)
+    batch: list[tuple[tuple[int, ...], list[int]]] = []
+    for group in groups.items():
+        if batch and sum(len(m) for _, m in batch) + len(group[1]) > max_sequences:
+            _score_groups(model, batch, completions, out, pad_id, device, temperature, autocast)
+            batch = []
+        batch.append(group)
+    if batch:
+        _score_groups(model, batch, completions, out, pad_id, device, temperature, autocast)
+    scored = [t for t in out if t is not None]
+    assert len(scored) == len(out), "every sequence belongs to one group"
+    return scored
+
+
+def _score_groups(model: torch.nn.Module, batch: list[tuple[tuple[int, ...], list[int]]],
+                  completions: Sequence[Sequence[int]], out: list[torch.Tensor | None], pad_id: int,
+                  device: torch.device, temperature: float,
+                  autocast: Callable[[], AbstractContextManager[object]] | None) -> None:
+    ctx = autocast or contextlib.nullcontext
+    # Prompt pass: the distinct prompts, left-padded (as the trainer's own batches).
+    g = len(batch)
+    width = max(len(p) for p, _ in batch)
+    ids = torch.full((g, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((g, width), dtype=torch.long)
+    for row, (p, _) in enumerate(batch):
+        ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        attn[row, width - len(p) :] = 1
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    with ctx():
+        first = model(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
+                      use_cache=True, logits_to_keep=1)
+    members = [(row, i) for row, (_, idx) in enumerate(batch) for i in idx]
+    rows = torch.tensor([row for row, _ in members], dtype=torch.long)
+    lengths = [len(completions[i]) for _, i in members]
+    span = max(lengths)
+    # The first completion token is predicted by the prompt's last position.
+    first_targets = torch.tensor([[int(completions[i][0]) if lengths[k] else pad_id] for k, (_, i) in
+                                  enumerate(members)], dtype=torch.long, device=device)
+    head = picked_logprobs(first.logits[:, -1:][rows.to(first.logits.device)], first_targets, temperature)
+    tail = torch.zeros((len(members), max(0, span - 1)), dtype=torch.float32, device=device)
+    if span > 1:
+        # Completion pass: every completion (right-padded) on its prompt's cache rows.
+        name = _cache_name()
+        cache = getattr(first, name)
+        cache.reorder_cache(rows.to(device))
+        comp = torch.full((len(members), span), pad_id, dtype=torch.long)
+        comp_attn = torch.zeros((len(members), span), dtype=torch.long)
+        for k, (_, i) in enumerate(members):
+            comp[k, : lengths[k]] = torch.tensor([int(t) for t in completions[i]], dtype=torch.long)
+            comp_attn[k, : lengths[k]] = 1
+        prompt_len = attn.sum(-1)[rows]
+        comp_pos = prompt_len[:, None] + torch.arange(span)[None, :]
+        with ctx():
+            second = model(input_ids=comp.to(device), attention_mask=torch.cat([attn[rows], comp_attn], 1).to(device),
+                           position_ids=comp_pos.to(device), use_cache=True, **{name: cache})
+        # Logits at completion position j predict token j + 1.
+        tail = picked_logprobs(second.logits[:, : span - 1], comp[:, 1:].to(device), temperature)
+        del cache
+    for k, (_, i) in enumerate(members):
+        n = lengths[k]
+        out[i] = torch.cat([head[k, : min(n, 1)], tail[k, : max(0, n - 1)]]).float().cpu()

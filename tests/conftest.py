@@ -40,6 +40,6 @@ def tiny_cfg(tmp_path_factory: pytest.TempPathFactory) -> SparkConfig:
 
 @pytest.fixture
 def tiny_model_and_tokenizer(tiny_cfg: SparkConfig) -> tuple:
-    from spark_core.models import load_model_and_tokenizer
+    from spark_core.initial_model import load_initial_model
 
-    return load_model_and_tokenizer(tiny_cfg.model, device="cpu")
+    return load_initial_model(tiny_cfg, device="cpu")

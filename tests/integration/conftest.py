@@ -8,6 +8,9 @@ real process worker, all on loopback with free ports and a temporary state direc
 - `worker` (per test): makes sure the worker runs (tests kill and restart it).
 - `reference_run` (session): one uninterrupted `tiny` iteration run through the `spark-iteration`
   deployment, the baseline the resume test compares against.
+- `ui_run` (session), `browser` (per test): the browser tests (test_ui.py, marker `browser`) open the
+  reference run in the Prefect UI with a headless Chromium; they share this stack rather than start
+  their own (a second server, deployment and tiny iteration cost about two minutes of the suite).
 
 A component that cannot start fails the tests with its log tail (never a silent skip). Measured
 start-up and run times are printed in the terminal summary.
@@ -27,6 +30,7 @@ import s3fs
 from deployments.deploy import Deployed, deploy
 from infra.local import Stack, StackSettings, free_port
 
+from cdp import Browser, find_chromium
 from it_helpers import (
     SERVER_ENV,
     TIMINGS,
@@ -39,6 +43,7 @@ from it_helpers import (
     tiny_config,
     wait_flow_run,
 )
+from ui_run import UiRun
 
 HERE = Path(__file__).resolve().parent
 _RUNNING: list[Stack] = []
@@ -103,6 +108,27 @@ def reference_run(
     seconds = time.monotonic() - start
     TIMINGS["reference tiny iteration (trigger -> Completed)"] = seconds
     return ReferenceRun(run_id, store_uri, run_root(store_uri, run_id), config, done, seconds)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    path = find_chromium()
+    if path is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install -y chromium; .ci/run does it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ui_run(reference_run: ReferenceRun, stack: Stack, deployed: dict[str, Deployed]) -> UiRun:
+    # The server serves the UI with PREFECT_UI_API_URL set to its own API (Stack.start_server).
+    return UiRun(stack, stack.api_url, stack.api_url.removesuffix("/api"), deployed,
+                 reference_run.run_id, reference_run.flow_run)
+
+
+@pytest.fixture
+def browser(chromium: str, tmp_path: Path) -> Iterator[Browser]:
+    with Browser.launch(tmp_path / "chromium", binary=chromium) as b:
+        yield b
 
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:

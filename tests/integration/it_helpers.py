@@ -18,6 +18,7 @@ import s3fs
 
 from infra.local import Stack, StackError
 from infra.local.processes import http_json
+from spark_core import faults
 from spark_core.config import load_config
 
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
@@ -29,15 +30,24 @@ API_RETRIES = 6
 
 TIMINGS: dict[str, float] = {}
 
-# Prefect leases on global concurrency slots are at least 60 s; the server looks for expired ones
-# every 15 s by default. A short loop lets a crashed flow run's slot come back soon after expiry.
+# The run guard no longer takes a Prefect concurrency slot (flows/guard.py), but a user-configured
+# `gpu_concurrency_tag` limit does: its slot leases are at least 60 s and the server looks for expired
+# ones every 15 s by default. A short loop lets a crashed flow run's slot come back soon after expiry.
 SERVER_ENV = {"PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "2"}
 RUN_LEASE_TTL_S = 30
 
 
+def fault_dir(stack: Stack) -> Path:
+    """Where tests arm fault holds for the worker's flow runs (spark_core.faults)."""
+    return stack.state_dir / "faults"
+
+
 def worker_env(stack: Stack) -> dict[str, str]:
     """Environment of the worker and so of every flow run."""
+    fault_dir(stack).mkdir(parents=True, exist_ok=True)
     return {
+        # Fault tests hold a stage write at a named point instead of racing a task (spark_core.faults).
+        faults.ENV: str(fault_dir(stack)),
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "SPARK_CACHE_DIR": str(stack.state_dir / "cache" / "checkpoints"),
@@ -136,25 +146,26 @@ def task_runs(api: str, flow_run_id: str) -> list[dict[str, Any]]:
     return runs
 
 
-def wait_task_state(
-    api: str, flow_run_id: str, task_name: str, state_type: str, stack: Stack, timeout_s: float = 240,
-    poll_s: float = 0.2,
-) -> dict[str, Any]:
-    """Wait until the flow run's task run named `task_name` is in `state_type` (e.g. RUNNING)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for tr in task_runs(api, flow_run_id):
-            if tr["name"] == task_name:
-                if tr["state_type"] == state_type:
-                    return tr
-                if tr["state_type"] in TERMINAL:
-                    raise AssertionError(f"task {task_name} already {tr['state_type']} (wanted {state_type})")
-        run = flow_run(api, flow_run_id)
-        if run["state_type"] in TERMINAL:
-            raise AssertionError(f"flow run ended {run['state_type']} before {task_name} was {state_type}\n"
-                                 f"{worker_log_tail(stack)}")
-        time.sleep(poll_s)
-    raise AssertionError(f"task {task_name} not {state_type} after {timeout_s} s\n{worker_log_tail(stack)}")
+def hold(stack: Stack, run_id: str, iteration: int, stage: str, point: str) -> str:
+    """Arm a hold of the worker's write of `stage` at `point`; returns the stage key to wait on."""
+    key = f"runs/{run_id}/iter={iteration:04d}/{stage}"
+    faults.arm(fault_dir(stack), key, point)
+    return key
+
+
+def wait_held(api: str, flow_run_id: str, stack: Stack, key: str, point: str, timeout_s: float = 300) -> int:
+    """Block until the flow run is held at (key, point); fail with the worker log if it ended first."""
+    last = {"at": 0.0, "alive": True}
+
+    def alive() -> bool:  # ask the API at most once a second (the hold file is checked every 50 ms)
+        if time.monotonic() - last["at"] >= 1.0:
+            last.update(at=time.monotonic(), alive=flow_run(api, flow_run_id)["state_type"] not in TERMINAL)
+        return bool(last["alive"])
+
+    try:
+        return faults.wait_held(fault_dir(stack), key, point, timeout_s=timeout_s, alive=alive)
+    except (TimeoutError, RuntimeError) as err:
+        raise AssertionError(f"{err}\n{worker_log_tail(stack)}") from None
 
 
 def set_crashed(api: str, flow_run_id: str, message: str) -> None:
@@ -186,11 +197,28 @@ def manifests(fs: s3fs.S3FileSystem, root: str) -> dict[str, bytes]:
 
 
 def read_stage(fs: s3fs.S3FileSystem, root: str, stage: str) -> tuple[dict[str, Any], Any]:
-    """(manifest, pyarrow table) of a table stage, reading exactly the parts its manifest lists."""
+    """(manifest, pyarrow table) of a table stage, reading exactly the parts its manifest lists; a column
+    the folder supplies (`phase` of `train/phase=policy`, not stored in the files) is added back."""
     manifest = json.loads(fs.cat_file(f"{root}/{stage}/{SUCCESS}"))
     tables = [pq.read_table(f"{root}/{stage}/{name}", filesystem=fs) for name in manifest["files"]]
-    return manifest, pa.concat_tables(tables) if tables else None
+    table = pa.concat_tables(tables) if tables else None
+    partition = manifest.get("partition_columns") or {}
+    for name, info in sorted(partition.items(), key=lambda kv: kv[1]["index"]):
+        assert name not in table.column_names, f"{stage}: {name} is both a column and the folder"
+        table = table.add_column(info["index"], name, pa.array([info["value"]] * table.num_rows, pa.string()))
+    return manifest, table
 
 
 def stray_tmp_keys(fs: s3fs.S3FileSystem, root: str) -> list[str]:
     return [key for key in fs.find(root) if TMP_MARK in key]
+
+
+def assert_resumed(fs: s3fs.S3FileSystem, root: str, before: dict[str, bytes], latest: int = 1) -> dict[str, bytes]:
+    """After a fault and recovery: every stage committed `before` is unchanged byte for byte, LATEST is
+    `latest` and no temporary key is left; returns the run's manifests now."""
+    after = manifests(fs, root)
+    for stage, manifest in before.items():
+        assert after.get(stage) == manifest, f"{stage} was rewritten (or lost) during recovery"
+    assert fs.cat_file(f"{root}/LATEST").strip() == str(latest).encode()
+    assert stray_tmp_keys(fs, root) == []
+    return after

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from deployments.deploy import REPO_DIR, Deployed, read_deployment
-from spark_core.schemas import TABLES
+from spark_core.layout import TABLES
 
 from it_helpers import ReferenceRun, read_stage, stray_tmp_keys
 
@@ -25,16 +25,20 @@ def test_deployments_are_typed_by_spark_config(prefect_api: str, deployed: dict[
             {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO_DIR)}}
         ]
         schema = body["parameter_openapi_schema"]
-        # The UI builds its form from this: `config` is SparkConfig (or empty), with every section.
-        assert {"$ref": "#/definitions/SparkConfig"} in schema["properties"]["config"]["anyOf"]
-        spark = schema["definitions"]["SparkConfig"]
-        assert spark["properties"]["sampling"] == {"$ref": "#/definitions/SamplingConfig"}
-        assert schema["definitions"]["SamplingConfig"]["properties"]["n"]["minimum"] == 2
+        # The UI builds its form from this: `preset` a choice, `overrides` every section with null
+        # defaults (a filled-in form keeps the preset's values), `config` a plain JSON mapping.
+        assert {"$ref": "#/definitions/SparkConfigOverrides"} in schema["properties"]["overrides"]["anyOf"]
+        spark = schema["definitions"]["SparkConfigOverrides"]
+        assert {"$ref": "#/definitions/SamplingConfigOverrides"} in spark["properties"]["sampling"]["anyOf"]
+        assert schema["definitions"]["SamplingConfigOverrides"]["properties"]["n"]["default"] is None
+        assert "SparkConfig" not in schema["definitions"]
+        assert all(prop.get("description") for prop in schema["properties"].values())
         assert body["enforce_parameter_schema"] is True
     iteration = read_deployment(prefect_api, deployed["spark-iteration"].name)
     assert iteration["parameter_openapi_schema"]["required"] == ["run_id"]
     [schedule] = iteration["schedules"]
     assert schedule["active"] is False and schedule["schedule"]["cron"] == "0 2 * * *"
+    assert schedule["parameters"] == {"run_id": "nightly"}  # the store is the worker's SPARK_STORE
 
 
 def test_tiny_iteration_writes_every_stage_to_s3(reference_run: ReferenceRun, s3, stack) -> None:

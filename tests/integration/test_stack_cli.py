@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 
 def _spark(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "spark_cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=180)
 
 
@@ -32,10 +32,14 @@ def test_stack_cli_s3_only(tmp_path: Path) -> None:
         secret = json.loads((state / "credentials.json").read_text())["secret_access_key"]
         assert "s3      ready in" in up.stdout
         assert f"export AWS_ENDPOINT_URL=http://127.0.0.1:{port}" in up.stdout
+        # One store convention: the URI above runs/, the same in the message and in env.sh.
+        assert "export SPARK_STORE=s3://spark" in up.stdout and "spark ls s3://spark" in up.stdout
+        assert "runs/runs" not in up.stdout and "s3://spark/runs " not in up.stdout
         assert secret not in up.stdout + up.stderr
 
         env_file = state / "env.sh"
         assert f"export AWS_SECRET_ACCESS_KEY={secret}" in env_file.read_text()
+        assert "export SPARK_STORE=s3://spark\n" in env_file.read_text()
         for private in (env_file, state / "credentials.json", state / "s3.json"):
             assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app, parse_target
+from spark_cli.main import app, parse_target
 from spark_core import stages as S
 from spark_core.config import SparkConfig
 from spark_core.store import Store
@@ -40,8 +40,8 @@ def store(tiny_cfg: SparkConfig, tmp_path_factory: pytest.TempPathFactory) -> St
     return st
 
 
-def invoke(*args: str):
-    return CliRunner().invoke(app, list(args))
+def invoke(*args: str, input: str | None = None):
+    return CliRunner().invoke(app, list(args), input=input)
 
 
 def one_error_line(result) -> str:
@@ -60,7 +60,7 @@ def one_error_line(result) -> str:
         (["run", "--preset", "tiny", "--set", "sampling.n=1"], "sampling.n"),
         (["run", "--preset", "tiny", "--set", "novalue"], "expected key.path=value"),
         (["run", "--config", "/nonexistent/spark.yaml"], "config file not found"),
-        (["run"], "give a config to start a run"),
+        (["run"], "give a preset or a config to start a run"),
         (["run", "--preset", "tiny", "--run-id", "bad/id"], "invalid run id"),
         (["ls", "/nonexistent/spark-store"], "no store at"),
     ],
@@ -125,6 +125,54 @@ def test_reflect_and_eval_on_a_checkpoint(store: Store) -> None:
     assert ev.exit_code == 0, ev.output
     assert "accuracy" in ev.stdout and "judge_f1" in ev.stdout
     assert not Path(store.stage_uri(RUN, 0, "eval/benchmark=arithmetic")).exists(), "eval writes nothing"
+
+
+def test_eval_on_a_benchmark_the_run_did_not_configure(store: Store, tmp_path: Path) -> None:
+    ckpt = f"{store.uri}/runs/{RUN}/iter=0000/checkpoint"
+    questions = tmp_path / "qs.jsonl"
+    questions.write_text('{"problem": "What is 2 + 2?", "solution": "4"}\n{"problem": "What is 1 + 5?", "solution": "6"}\n')
+    res = invoke("eval", "--checkpoint", ckpt, "--benchmark-file", str(questions), "--question-column", "problem",
+                 "--answer-column", "solution", "--limit", "2")
+    assert res.exit_code == 0, res.output
+    assert "qs on" in res.stdout and "accuracy" in res.stdout
+    assert "column" in one_error_line(invoke("eval", "--checkpoint", ckpt, "--benchmark-file", str(questions)))
+    assert "give --benchmark NAME" in one_error_line(invoke("eval", "--checkpoint", ckpt))
+    assert "not found" in one_error_line(invoke("eval", "--checkpoint", ckpt, "--benchmark-file", "/no/such.jsonl"))
+
+
+def test_ls_says_where_runs_are_when_a_prefix_holds_none(store: Store, tmp_path: Path) -> None:
+    doubled = invoke("ls", f"{store.uri}/runs")  # the store URI is the prefix above runs/
+    assert doubled.exit_code == 0
+    assert "no runs in" in doubled.stdout and f"spark ls {store.uri}" in doubled.stdout
+    above = invoke("ls", str(Path(store.uri).parent))  # runs one level below the prefix given
+    assert f"spark ls {store.uri}" in above.stdout
+    (tmp_path / "empty").mkdir()
+    empty = invoke("ls", str(tmp_path / "empty"))
+    assert empty.exit_code == 0 and f"looked for {tmp_path / 'empty'}/runs/RUN/run.json" in empty.stdout
+
+
+def test_show_on_a_partition_parent_lists_its_partitions(store: Store) -> None:
+    for command in ("show", "ls"):
+        res = invoke(command, f"{store.uri}/runs/{RUN}/iter=0001/train")
+        assert res.exit_code == 0, res.output
+        assert "1 partitions" in res.stdout and "phase=policy" in res.stdout and "not complete" not in res.output
+
+
+def test_rm_asks_and_refuses_while_the_run_is_held(store: Store, tiny_cfg: SparkConfig) -> None:
+    doomed = "doomed"
+    store.write_run(doomed, tiny_cfg)
+    store.write_table(store.stage_uri(doomed, 1, "verified"), pa.table({"a": [1]}))
+    address = f"{store.uri}/runs/{doomed}"
+    kept = invoke("rm", address, input="n\n")
+    assert kept.exit_code == 1 and "nothing removed" in kept.stderr and store.read_run(doomed) is not None
+    with store.run_lock(doomed, ttl_s=60):  # another holder (a flow run) has the run lease
+        assert "is being run by host" in one_error_line(invoke("rm", address, "--yes"))
+    assert store.read_run(doomed) is not None
+    gone = invoke("rm", address, input="y\n")
+    assert gone.exit_code == 0 and f"removed run {doomed}" in gone.stdout, gone.output
+    assert store.read_run(doomed) is None and not Path(store.run_uri(doomed)).exists()
+    assert doomed not in store.list_runs() and RUN in store.list_runs()
+    assert "no run 'doomed'" in one_error_line(invoke("rm", address, "--yes"))
 
 
 def test_parse_target() -> None:

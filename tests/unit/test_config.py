@@ -98,3 +98,16 @@ def test_a_bare_preset_mapping_is_the_whole_preset() -> None:
     assert cfg.sampling.n == 3
     # a dumped config round-trips unchanged
     assert SparkConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+
+
+def test_vl_presets_carry_the_paper_recipe_and_the_tiny_vl_shape() -> None:
+    cfg = load_config(preset="qwen2.5-vl-7b")
+    assert cfg.model.name_or_path == "Qwen/Qwen2.5-VL-7B-Instruct" and cfg.data.image_column
+    t = cfg.train
+    assert (t.lr, t.min_lr_ratio, t.warmup_ratio, t.kl_coef) == (5e-7, 0.1, 0.03, 0.001)
+    assert (cfg.sampling.questions_per_iteration, cfg.sampling.n, cfg.sampling.max_new_tokens) == (64, 8, 768)
+    per_phase = cfg.sampling.questions_per_iteration * cfg.sampling.n
+    assert per_phase // t.mini_batch_size == 8 and cfg.reward_data.reward_batch_size * cfg.reward_n // t.mini_batch_size == 8
+    tiny = load_config(preset="tiny-vl")
+    assert tiny.model.tiny.vision is not None and tiny.data.source == "visual_arithmetic"
+    assert load_config(preset="tiny").model.tiny.vision is None

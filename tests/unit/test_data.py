@@ -114,9 +114,9 @@ def test_missing_column_names_it_and_lists_the_available_ones(tmp_path: Path) ->
 
 
 def test_unsupported_extension(tmp_path: Path) -> None:
-    (tmp_path / "q.csv").write_text("question,answer\n")
+    (tmp_path / "q.xlsx").write_bytes(b"PK")
     with pytest.raises(ValueError, match="unsupported file type"):
-        read_questions("file", str(tmp_path / "q.csv"))
+        read_questions("file", str(tmp_path / "q.xlsx"))
 
 
 BAD_ROWS = [

@@ -9,7 +9,7 @@ from deployments.deploy import (
     PREFECT_FILE,
     REPO_DIR,
     DeployError,
-    check_config_schema,
+    check_parameter_schema,
     deploy,
     deployment_specs,
     flow_name,
@@ -32,6 +32,8 @@ def test_yaml_declares_both_deployments_on_the_process_pool() -> None:
         ]
     [schedule] = specs["spark-iteration"]["schedules"]
     assert schedule["active"] is False and schedule["cron"]
+    # The store comes from the worker's $SPARK_STORE: a schedule names only its run.
+    assert schedule["parameters"] == {"run_id": "nightly"}
 
 
 def test_flow_names_are_read_from_the_entrypoints() -> None:
@@ -42,15 +44,24 @@ def test_flow_names_are_read_from_the_entrypoints() -> None:
 
 
 @pytest.mark.parametrize("flow", [spark_iteration, spark_run])
-def test_flow_parameter_schema_is_a_spark_config_form(flow) -> None:
+def test_flow_parameter_schema_makes_a_form(flow) -> None:
     schema = parameter_schema(flow.fn).model_dump_for_openapi()
-    check_config_schema(schema, flow.name)
+    check_parameter_schema(schema, flow.name)
 
 
-def test_untyped_config_is_rejected() -> None:
-    schema = {"properties": {"config": {"type": "object"}}, "definitions": {}}
-    with pytest.raises(DeployError, match="not typed by SparkConfig"):
-        check_config_schema(schema, "x/y")
+def test_forms_that_would_override_the_preset_are_rejected() -> None:
+    described = {"description": "d"}
+    with pytest.raises(DeployError, match=r"without a description: \['store'\]"):
+        check_parameter_schema({"properties": {"store": {"type": "string"}}}, "x/y")
+    with pytest.raises(DeployError, match="not typed by SparkConfigOverrides"):
+        check_parameter_schema({"properties": {"overrides": {"type": "object", **described}}}, "x/y")
+    with pytest.raises(DeployError, match="`preset` offers"):
+        check_parameter_schema({"properties": {"preset": {"type": "string", **described}}}, "x/y")
+    sections = {k: {"default": None} for k in ("model", "sampling", "train", "store")}
+    schema = {"properties": {"overrides": {"$ref": "#/definitions/SparkConfigOverrides", **described}},
+              "definitions": {"SparkConfigOverrides": {"properties": {**sections, "seed": {"default": 0}}}}}
+    with pytest.raises(DeployError, match=r"non-null default .*\['seed'\]"):
+        check_parameter_schema(schema, "x/y")
 
 
 def test_deploy_needs_a_server(monkeypatch: pytest.MonkeyPatch) -> None:

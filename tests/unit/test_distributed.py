@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spark_core import distributed
+from spark_core import distributed, layout
 from spark_core.config import TrainConfig, load_config
-from spark_core.distributed import DistributedError, launcher_command, stage_args
+from spark_core.distributed import DistributedError, launch
+from spark_core.distributed.launch import launcher_command, stage_args
 
 def test_torchrun_command() -> None:
     cmd = launcher_command(TrainConfig(launcher="torchrun", num_processes=4), ["--x", "1"], python="py")
@@ -34,7 +35,7 @@ def test_accelerate_command_uses_the_fsdp_config() -> None:
 def test_launcher_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(DistributedError, match="inprocess"):
         launcher_command(TrainConfig(), [])
-    if distributed.visible_gpu_count() == 0:
+    if launch.visible_gpu_count() == 0:
         with pytest.raises(DistributedError, match="no GPU is visible: set train.num_processes"):
             launcher_command(TrainConfig(launcher="torchrun"), [])
     with pytest.raises(DistributedError, match="does not exist"):
@@ -53,10 +54,10 @@ def test_qwen_preset_launches_accelerate_over_all_gpus() -> None:
 def test_failed_launch_reports_the_output_tail() -> None:
     cmd = [sys.executable, "-c", "import sys; print('rank 1 exploded: CUDA error'); sys.exit(7)"]
     with pytest.raises(DistributedError, match="exit 7") as err:
-        distributed.run_launcher(cmd, "torchrun")
+        launch.run_launcher(cmd, "torchrun")
     assert "rank 1 exploded" in str(err.value)
     with pytest.raises(DistributedError, match="cannot start"):
-        distributed.run_launcher(["/no/such/python"], "torchrun")
+        launch.run_launcher(["/no/such/python"], "torchrun")
 
 
 def test_single_process_helpers_are_no_ops() -> None:
@@ -72,8 +73,8 @@ def test_single_process_helpers_are_no_ops() -> None:
 
 def test_entry_point_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        distributed.main(["--store", "s", "--run-id", "r", "--iteration", "1", "--phase", "judge"])
-    assert distributed.main(["--store", "s", "--run-id", "r", "--iteration", "0", "--phase", "policy"]) == 2
+        launch.main(["--store", "s", "--run-id", "r", "--iteration", "1", "--phase", "judge"])
+    assert launch.main(["--store", "s", "--run-id", "r", "--iteration", "0", "--phase", "policy"]) == 2
     assert "iteration must be >= 1" in capsys.readouterr().err
 
 
@@ -98,7 +99,7 @@ def test_two_gloo_ranks_run_the_train_stage_like_one_process(
 
     from spark_core import stages as S
     from spark_core.store import Store
-    from tasks.train import run_train_stage
+    from spark_core.distributed.launch import run_train_stage
 
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.eval.every = 0
@@ -124,9 +125,15 @@ def test_two_gloo_ranks_run_the_train_stage_like_one_process(
     assert launched["skipped"] is False and launched["rows"] == single["rows"] == 3
     assert launched["reward_phase"] == single["reward_phase"]
 
+    from spark_core.checkpoint_schedule import snapshot_store
+
+    # Launched ranks end after the phase: the after-policy weights go to a node-local store, not the store.
+    assert not store.exists(store.stage_uri(RUN, 1, "policy_checkpoint"))
+    at = (lambda st: snapshot_store(cfg, st)) if single["reward_phase"] else (lambda st: st)
     stage = "policy_checkpoint" if single["reward_phase"] else "checkpoint"
     for name in ("train/phase=policy", stage):
-        a, b = Path(store.stage_uri(RUN, 1, name)), Path(Store(str(two)).stage_uri(RUN, 1, name))
+        where = at if name == stage else (lambda st: st)
+        a, b = Path(where(store).stage_uri(RUN, 1, name)), Path(where(Store(str(two))).stage_uri(RUN, 1, name))
         assert _files(a).keys() == _files(b).keys(), name  # one set of files, nothing from a second rank
     rows_1 = store.read_table(store.stage_uri(RUN, 1, "train/phase=policy")).to_pylist()
     rows_2 = Store(str(two)).read_table(Store(str(two)).stage_uri(RUN, 1, "train/phase=policy")).to_pylist()
@@ -135,7 +142,7 @@ def test_two_gloo_ranks_run_the_train_stage_like_one_process(
         for key in ("loss", "pg_loss", "kl", "grad_norm", "lr", "mean_reward", "clip_frac"):
             assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-6), key
 
-    ck_1, ck_2 = Path(store.stage_uri(RUN, 1, stage)), Path(Store(str(two)).stage_uri(RUN, 1, stage))
+    ck_1, ck_2 = Path(at(store).stage_uri(RUN, 1, stage)), Path(at(Store(str(two))).stage_uri(RUN, 1, stage))
     w1, w2 = load_file(str(ck_1 / "model.safetensors")), load_file(str(ck_2 / "model.safetensors"))
     w0 = load_file(str(Path(store.stage_uri(RUN, 0, "checkpoint")) / "model.safetensors"))
     assert w1.keys() == w2.keys() and any(not torch.equal(w0[k], w1[k]) for k in w1)
@@ -155,19 +162,18 @@ def test_the_train_task_launches_ranks_only_when_configured(
     """inprocess runs the stage here; a launcher frees this process's model first and hands the stage to
     `launch_train_stage`; a finished stage is never launched again."""
     from spark_core import stages as S
-    from tasks import train as T
 
     calls: list[tuple] = []
-    monkeypatch.setattr(S, "train_policy", lambda cfg, store, run_id, it: calls.append(("inprocess", it)) or {"x": 1})
-    monkeypatch.setattr(distributed, "launch_train_stage",
-                        lambda cfg, store, run_id, it, phase: calls.append(("launch", phase)) or {"y": 2})
+    monkeypatch.setattr(S, "train_policy", lambda cfg, store, run_id, it, step=1: calls.append(("inprocess", it)) or {"x": 1})
+    monkeypatch.setattr(launch, "launch_train_stage",
+                        lambda cfg, store, run_id, it, phase, step=1: calls.append(("launch", phase)) or {"y": 2})
     ws = S.workspace()
     ws.model = object()  # stands for a loaded model that the ranks would otherwise compete with
     cfg = tiny_cfg.model_copy(deep=True)
-    assert T.run_train_stage(cfg, str(tmp_path), "r", 1, "policy") == {"x": 1}
+    assert launch.run_train_stage(cfg, str(tmp_path), "r", 1, "policy") == {"x": 1}
     assert ws.model is not None
     cfg.train.launcher = "torchrun"
-    assert T.run_train_stage(cfg, str(tmp_path), "r", 1, "reward") == {"y": 2}
+    assert launch.run_train_stage(cfg, str(tmp_path), "r", 1, "reward") == {"y": 2}
     assert ws.model is None and calls == [("inprocess", 1), ("launch", "reward")]
 
     import pyarrow as pa
@@ -176,8 +182,8 @@ def test_the_train_task_launches_ranks_only_when_configured(
     from spark_core.store import Store
 
     store = Store(str(tmp_path))
-    store.write_table(store.stage_uri("r", 2, S.TRAIN_POLICY), pa.Table.from_pylist([], schema=TRAIN))
-    assert T.run_train_stage(cfg, str(tmp_path), "r", 2, "policy") == {"x": 1}  # done: no ranks started
+    store.write_table(store.stage_uri("r", 2, layout.TRAIN_POLICY), pa.Table.from_pylist([], schema=TRAIN))
+    assert launch.run_train_stage(cfg, str(tmp_path), "r", 2, "policy") == {"x": 1}  # done: no ranks started
     assert calls[-1] == ("inprocess", 2)
 
 
@@ -185,5 +191,5 @@ def test_entry_point_names_a_missing_run(tmp_path: Path) -> None:
     from spark_core.stages import StageError
 
     with pytest.raises(StageError, match="run 'nope' does not exist"):
-        distributed.main(["--store", str(tmp_path), "--run-id", "nope", "--iteration", "1", "--phase", "policy"])
+        launch.main(["--store", str(tmp_path), "--run-id", "nope", "--iteration", "1", "--phase", "policy"])
     assert not distributed.current().enabled

@@ -15,6 +15,7 @@ from spark_core.config import EvalConfig
 from spark_core.data import Question
 from spark_core.engines.base import SamplingParams
 from spark_core.evaluation import (
+    EVAL_ROWS,
     PREFERENCE_EVAL,
     accuracy,
     binary_judge_metrics,
@@ -37,6 +38,9 @@ SUMMARY_KEYS = {
     "judge_recall",
     "judge_f1",
     "judge_accuracy",
+    "judge_balanced_accuracy",
+    "judge_yes_share",
+    "verdict_parse_rate",
     "pairwise_accuracy",
     "pairwise_acc_correct_first",
     "pairwise_acc_correct_second",
@@ -56,6 +60,39 @@ def test_judge_metrics_one_of_each() -> None:
     m = binary_judge_metrics([True, True, False, False], [True, False, True, False])
     assert (m["precision"], m["recall"], m["f1"], m["accuracy"]) == (0.5, 0.5, 0.5, 0.5)
     assert (m["n"], m["n_unparsed"]) == (4, 0)
+    assert (m["balanced_accuracy"], m["parse_rate"], m["yes_share"]) == (0.5, 1.0, 0.5)
+
+
+def test_balanced_accuracy_is_one_half_for_any_constant_judge() -> None:
+    # A mostly-correct solver (8 of 10 right): always-Yes looks good on accuracy and F1, not here.
+    truth = [True] * 8 + [False] * 2
+    yes = binary_judge_metrics([True] * 10, truth)
+    assert yes["accuracy"] == 0.8 and yes["f1"] == pytest.approx(2 * 0.8 / 1.8)
+    assert yes["balanced_accuracy"] == 0.5 and yes["yes_share"] == 1.0
+    no = binary_judge_metrics([False] * 10, truth)
+    assert no["balanced_accuracy"] == 0.5 and no["yes_share"] == 0.0
+    perfect = binary_judge_metrics(list(truth), truth)
+    assert perfect["balanced_accuracy"] == 1.0
+    # Yes-rate on right answers 6/8, No-rate on wrong ones 1/2.
+    m = binary_judge_metrics([True] * 6 + [False] * 2 + [False, True], truth)
+    assert m["balanced_accuracy"] == pytest.approx((6 / 8 + 1 / 2) / 2)
+
+
+def test_unparsed_verdicts_are_counted_apart_and_as_neither_yes_nor_no() -> None:
+    truth = [True, True, False, False]
+    m = binary_judge_metrics([True, None, False, None], truth)
+    assert m["n_unparsed"] == 2 and m["parse_rate"] == 0.5
+    assert m["yes_share"] == 0.5  # among the two readable verdicts
+    assert m["balanced_accuracy"] == 0.5  # Yes-rate 1/2 on right answers, No-rate 1/2 on wrong ones
+    assert m["accuracy"] == 0.5  # unparsed = wrong judgment
+    none = binary_judge_metrics([None, None], [True, False])
+    assert (none["parse_rate"], none["yes_share"], none["balanced_accuracy"]) == (0.0, 0.0, 0.0)
+
+
+def test_balanced_accuracy_with_one_class_absent_is_that_class_rate() -> None:
+    m = binary_judge_metrics([True, False, True], [True, True, True])
+    assert m["balanced_accuracy"] == pytest.approx(2 / 3)
+    assert binary_judge_metrics([], [])["balanced_accuracy"] == 0.0
 
 
 def test_judge_metrics_precision_recall_differ() -> None:
@@ -166,8 +203,9 @@ def evaluate(engine: ScriptedEngine, **cfg):
 def test_evaluate_benchmark_scripted() -> None:
     engine = scripted()
     table, summary = evaluate(engine, max_rounds=2)
-    assert table.schema == schemas.EVAL
-    assert table.column_names == schemas.EVAL.names
+    # The EVAL contract first, then the per-question pairwise verdict.
+    assert table.schema == EVAL_ROWS
+    assert table.column_names[: len(schemas.EVAL)] == schemas.EVAL.names
     assert SUMMARY_KEYS <= summary.keys()
     json.dumps(summary)  # flat and JSON-able
     assert summary["n"] == 2
@@ -175,6 +213,8 @@ def test_evaluate_benchmark_scripted() -> None:
     assert (summary["right_to_wrong"], summary["wrong_to_right"]) == (0, 1)
     # Verdicts on a0: Yes on the right one, No on the wrong one: a perfect judge.
     assert summary["judge_f1"] == 1.0 and summary["judge_accuracy"] == 1.0
+    assert summary["judge_balanced_accuracy"] == 1.0 and summary["verdict_parse_rate"] == 1.0
+    assert summary["judge_yes_share"] == 0.5
     # One pair (QB: wrong a0, right a1); the judge always says A.
     assert summary["pairwise_n"] == 1
     assert summary["pairwise_acc_correct_first"] == 1.0
@@ -187,6 +227,9 @@ def test_evaluate_benchmark_scripted() -> None:
     assert rows["qb"]["correct"] is False and rows["qb"]["final_correct"] is True
     assert rows["qb"]["judged"] == "No" and rows["qb"]["judgment_correct"] is True
     assert rows["qb"]["reflection_rounds"] == 1 and rows["qa"]["reflection_rounds"] == 0
+    # The per-question pairwise verdict: QA had no pair; QB's one shuffled presentation matches the summary.
+    assert rows["qa"]["pairwise_correct"] is None
+    assert rows["qb"]["pairwise_correct"] is (summary["pairwise_accuracy"] == 1.0)
     trace = json.loads(rows["qb"]["reflection_trace"])
     assert [r["answer"] for r in trace] == ["5", "4"]
     assert set(trace[0]) == {"round", "completion", "answer", "judgment_completion", "verdict"}
@@ -220,7 +263,9 @@ def test_evaluate_avg_at_k_and_unparsed_judgment() -> None:
     # QA: samples right/wrong/right/wrong; QB: always the wrong greedy text (the engine ignores temperature).
     assert summary["avg_at_k"] == pytest.approx(2 / 8)
     assert summary["judge_n_unparsed"] == 1 and summary["judge_accuracy"] == 0.5
-    assert summary["pairwise_n"] == 2
+    # The unparsed verdict is reported apart (parse rate) and is neither Yes nor No.
+    assert summary["verdict_parse_rate"] == 0.5 and summary["judge_balanced_accuracy"] == 0.5
+    assert summary["pairwise_n"] == 2 and summary["pairwise_parse_rate"] == 1.0
     # QA's pair is judged right in both orders, QB's only when the correct answer is (A).
     assert summary["pairwise_acc_correct_first"] == 1.0 and summary["pairwise_acc_correct_second"] == 0.5
 
@@ -266,7 +311,7 @@ def test_evaluate_benchmark_tiny_model_end_to_end() -> None:
         seed=0,
         verify_processes=1,
     )
-    assert isinstance(table, pa.Table) and table.schema == schemas.EVAL and table.num_rows == 4
+    assert isinstance(table, pa.Table) and table.schema == EVAL_ROWS and table.num_rows == 4
     assert table.column("item_id").to_pylist() == [q.question_id for q in questions]
     assert SUMMARY_KEYS <= summary.keys() and summary["n"] == 4
     json.dumps(summary)

@@ -1,4 +1,4 @@
-"""GRPO maths against hand-computed values (spark_core.grpo)."""
+"""GRPO maths against hand-computed values (spark_core.grpo), and the trainer's completion log-probs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,24 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from spark_core.grpo import group_advantages, grpo_loss, k3_kl, sequence_logprobs
+from spark_core.grpo import group_advantages, grpo_loss, k3_kl
+from spark_core.trainer import _collate, _Sequence, completion_logprobs
+
+
+def sequence_logprobs(model, input_ids, attention_mask, completion_mask, temperature=1.0) -> torch.Tensor:
+    """``trainer.completion_logprobs`` for right-padded rows whose completion is the tail of their real
+    tokens, laid out ``[B, T]`` like ``input_ids`` (``out[b, t] = log p(ids[b, t] | ids[b, :t])``, 0 elsewhere)."""
+    seqs = []
+    for ids, attn, comp in zip(input_ids, attention_mask, completion_mask):
+        real = ids[attn.bool()].tolist()
+        seqs.append(_Sequence(real, len(real) - int(comp.sum()), 0.0, 0.0))
+    lp = completion_logprobs(model, _collate(seqs, input_ids.device, pad_id=0), temperature)
+    width, keep = input_ids.shape[1], lp.shape[1]
+    rows = []
+    for b, seq in enumerate(seqs):
+        k = seq.num_tokens
+        rows.append(torch.cat([lp.new_zeros(seq.prompt_len), lp[b, keep - k:], lp.new_zeros(width - seq.prompt_len - k)]))
+    return torch.stack(rows)
 
 
 def _tiny_lm(seed: int = 0) -> Qwen2ForCausalLM:

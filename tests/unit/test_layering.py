@@ -1,9 +1,9 @@
-"""The layers import only downwards: spark_core never imports Prefect (or tasks/flows/deployments/infra),
-tasks never import flows, deployments or infra, flows never import deployments or infra. Checked on the
-source with `ast`, so a lazy import inside a function counts too.
-
-The `spark` command line (flows/cli.py and the `*_cli.py` sub-command modules it mounts) is the front
-door over every layer (`spark deploy`, `spark stack`), so it is exempt; the flows themselves are not."""
+"""The layers import only downwards: spark_core never imports Prefect (or tasks/flows/the CLI/deployments/
+infra), tasks never import flows, the CLI, deployments or infra, flows never import the CLI, deployments or
+infra. The `spark` command line (spark_cli/) is the front door over every layer (`spark deploy`, `spark
+stack`): it may import anything below it, and nothing imports it. And no module imports itself through
+others: the import graph of the project's packages has no cycle. Checked on the source with `ast`, so a
+lazy import inside a function counts too."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # package -> top-level modules it must not import
 FORBIDDEN = {
-    "spark_core": {"prefect", "tasks", "flows", "deployments", "infra"},
-    "tasks": {"flows", "deployments", "infra"},
-    "flows": {"deployments", "infra"},
+    "spark_core": {"prefect", "tasks", "flows", "spark_cli", "deployments", "infra"},
+    "tasks": {"flows", "spark_cli", "deployments", "infra"},
+    "flows": {"spark_cli", "deployments", "infra"},
+    "deployments": {"spark_cli"},
+    "infra": {"spark_cli"},
+    "spark_cli": {"bench", "tests"},  # the top layer: everything of the project below it
 }
-
-
-def is_cli(path: Path) -> bool:
-    return path.parent.name == "flows" and (path.name == "cli.py" or path.name.endswith("_cli.py"))
+PACKAGES = sorted(FORBIDDEN)
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -42,7 +42,70 @@ def imported_roots(path: Path) -> set[str]:
 
 
 def sources(package: str) -> list[Path]:
-    return sorted(p for p in (ROOT / package).rglob("*.py") if not is_cli(p))
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root: Path, packages: list[str]) -> dict[str, set[str]]:
+    """module -> the project modules it imports anywhere in its source (top level, functions, dynamic).
+
+    ``from pkg import name`` is an edge to ``pkg.name`` when that is a module, else to ``pkg``; targets
+    outside the project are dropped, and a dotted target that is not a module counts as its longest
+    module prefix."""
+    files = {module_name(p, root): p for pkg in packages for p in sorted((root / pkg).rglob("*.py"))}
+
+    def known(name: str) -> str | None:
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for mod, path in files.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                for alias in node.names:
+                    targets.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in files else base)
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                "import_module", "__import__"
+            ) and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+                targets.add(node.args[0].value)
+        graph[mod] = {t for t in map(known, targets) if t is not None and t != mod}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path ``[a, b, ..., a]``, or None."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = finished
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
@@ -55,6 +118,27 @@ def test_layers_import_only_downwards(package: str) -> None:
         if imported_roots(f) & FORBIDDEN[package]
     }
     assert bad == {}, f"{package} imports a higher layer: {bad}"
+
+
+def test_no_import_cycle_anywhere() -> None:
+    graph = import_graph(ROOT, PACKAGES)
+    assert "spark_core.stages.train" in graph and "spark_cli.main" in graph  # the walk saw the packages
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_cycle_checker_sees_lazy_relative_imports(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from . import b\n")
+    (pkg / "b.py").write_text("def f():\n    from .c import g\n")
+    (pkg / "c.py").write_text("def g():\n    import pkg.a\n")
+    graph = import_graph(tmp_path, ["pkg"])
+    assert graph["pkg.a"] == {"pkg.b"} and graph["pkg.b"] == {"pkg.c"} and graph["pkg.c"] == {"pkg.a"}
+    assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.c", "pkg.a"]
+    (pkg / "c.py").write_text("def g():\n    import os\n")
+    assert find_cycle(import_graph(tmp_path, ["pkg"])) is None
 
 
 def test_flows_do_not_depend_on_the_cli() -> None:
@@ -78,7 +162,8 @@ def test_tasks_are_thin_and_flows_use_tasks() -> None:
     """Tasks call spark_core.stages (the science stays out of Prefect code); the iteration flow calls
     the stage tasks rather than spark_core directly."""
     for f in sources("tasks"):
-        if f.name in ("__init__.py", "common.py", "publish.py"):
+        # publish, assets, events: what Prefect shows and announces (artifacts, assets, events), no stage
+        if f.name in ("__init__.py", "common.py", "publish.py", "assets.py", "events.py"):
             continue
         assert "stages" in f.read_text(), f"{f.name} should delegate to spark_core.stages"
     flow = (ROOT / "flows" / "iteration.py").read_text()

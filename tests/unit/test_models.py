@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 from spark_core import models
 from spark_core.config import ModelConfig, SparkConfig, TinyModelConfig
+from spark_core.initial_model import load_initial_model
 from spark_core.models import (
     build_tiny,
     load_model_and_tokenizer,
@@ -102,7 +103,7 @@ def test_chat_template_and_special_tokens(tiny_model_and_tokenizer: tuple) -> No
 
 
 def test_load_tiny_from_config_is_ready_for_generation(tiny_cfg: SparkConfig) -> None:
-    model, tok = load_model_and_tokenizer(tiny_cfg.model, device="cpu")
+    model, tok = load_initial_model(tiny_cfg, device="cpu")
     assert type(tok) is PreTrainedTokenizerFast
     assert tok.padding_side == "left"
     assert model.device.type == "cpu" and model.dtype == torch.float32

@@ -47,11 +47,14 @@ class StandIn:
         n = body.get("n", 1) if self.honour_n else 1
         choices = []
         for j in range(n):
-            rng = random.Random(f"{body['prompt']}|{body.get('seed')}|{j}")
+            rng = random.Random(f"{body.get('prompt', json.dumps(body.get('messages')))}|{body.get('seed')}|{j}")
             words = [rng.choice(WORDS) for _ in range(body["max_tokens"])]
             cut = rng.randint(1, body["max_tokens"])
             text = " ".join(words[:cut])
             choice = {"index": j, "text": text, "finish_reason": "stop" if cut < body["max_tokens"] else "length"}
+            if "messages" in body:  # chat completions answer with a message, not a text
+                choice = {"index": j, "message": {"role": "assistant", "content": text},
+                          "finish_reason": choice["finish_reason"]}
             if self.token_ids and body.get("return_token_ids"):
                 choice["token_ids"] = [WORDS.index(w) for w in words[:cut]]
                 choice["stop_reason"] = None
@@ -95,7 +98,7 @@ def start_standin(state: StandIn) -> tuple[ThreadingHTTPServer, str]:
                 state.requests.append({"path": self.path, **body})
             if self._injected():
                 return
-            if self.path == "/v1/completions":
+            if self.path in ("/v1/completions", "/v1/chat/completions"):
                 self._send(200, state.complete(body))
             elif self.path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
                 self._send(200, f"Success: LoRA adapter '{body['lora_name']}' done")
@@ -358,3 +361,39 @@ def test_real_llama_cpp_server(tmp_path: Path) -> None:
         proc.wait(timeout=30)
         log.close()
 
+
+
+def test_prompts_with_images_go_to_chat_with_data_url_parts(vllm_like: tuple[StandIn, str]) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    state, url = vllm_like
+    buf = io.BytesIO()
+    Image.new("RGB", (30, 20), (1, 2, 3)).save(buf, format="PNG")
+    png = buf.getvalue()
+    image_prompt = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+                    "<|vision_start|><|image_pad|><|vision_end|>What is shown?<|im_end|>\n<|im_start|>assistant\n")
+    engine = OpenAIEngine(url, "m")
+    out = engine.generate([image_prompt, "plain text prompt"], SamplingParams(n=2, max_new_tokens=6, seed=5),
+                          images=[[png], []])
+    assert [len(s) for s in out] == [2, 2] and all(c.token_ids for s in out for c in s)
+    chat, plain = state.requests
+    assert chat["path"] == "/v1/chat/completions" and plain["path"] == "/v1/completions"
+    assert chat["messages"][0] == {"role": "system", "content": "Be brief."}
+    image_part, text_part = chat["messages"][1]["content"]
+    assert text_part == {"type": "text", "text": "What is shown?"}
+    prefix, encoded = image_part["image_url"]["url"].split(",", 1)
+    assert prefix == "data:image/png;base64"
+    assert Image.open(io.BytesIO(base64.b64decode(encoded))).size == (30, 20)
+    assert chat["n"] == 2 and chat["return_token_ids"] is True and plain["prompt"] == "plain text prompt"
+
+
+def test_image_prompt_must_be_whole_chatml_turns() -> None:
+    from spark_core.engines.openai import chat_messages
+
+    with pytest.raises(OpenAIEngineError, match="ChatML prompt"):
+        chat_messages("user: <|vision_start|><|image_pad|><|vision_end|>hi\nassistant:", [b"x"])
+    with pytest.raises(OpenAIEngineError, match="do not match"):
+        chat_messages("<|im_start|>user\nno image here<|im_end|>\n<|im_start|>assistant\n", [b"x"])

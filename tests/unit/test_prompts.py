@@ -8,6 +8,7 @@ import re
 import pytest
 
 from spark_core import prompts
+from spark_core.quoting import neutralise, quote_response
 
 QUESTION = "What is 6 * 7?"
 RESPONSE = "Six sevens: 6 * 7 = 42. So the answer is \\boxed{42}."
@@ -63,7 +64,7 @@ def test_pointwise_every_template(style: str) -> None:
         text = _content(p.messages)
         assert p.style == style and (p.positive_label, p.negative_label) == (pos, neg)
         assert p.template_id == f"{'pw-yn' if style == 'yes_no' else 'pw-ab'}-{i + 1:02d}"
-        assert QUESTION in text and RESPONSE in text and "Final answer: 42" in text
+        assert QUESTION in text and neutralise(RESPONSE) in text and "Final answer: 42" in text
         # The verdict goes in \boxed{}: either both labels are spelled boxed, or an empty box is asked for.
         assert (f"\\boxed{{{pos}}}" in text and f"\\boxed{{{neg}}}" in text) or "\\boxed{}" in text
         assert re.search(rf"\b{pos}\b", text) and re.search(rf"\b{neg}\b", text)
@@ -86,10 +87,10 @@ def test_context_modes() -> None:
     cot_only = _content(prompts.pointwise_judgment(QUESTION, RESPONSE, "42", "cot").messages)
     both = _content(prompts.pointwise_judgment(QUESTION, RESPONSE, "42", "both").messages)
     assert "Final answer: 42" in answer_only and reasoning not in answer_only
-    assert RESPONSE in cot_only and "Final answer:" not in cot_only
-    assert both.index(RESPONSE) < both.index("Final answer: 42")
-    assert prompts.render_response(RESPONSE, "42", "answer") == "Final answer: 42"
-    assert prompts.render_response(f"  {RESPONSE}\n", None, "cot") == RESPONSE
+    assert neutralise(RESPONSE) in cot_only and "Final answer:" not in cot_only
+    assert both.index(neutralise(RESPONSE)) < both.index("Final answer: 42")
+    assert prompts.render_response(RESPONSE, "42", "answer") == quote_response("Final answer: 42")
+    assert prompts.render_response(f"  {RESPONSE}\n", None, "cot") == quote_response(RESPONSE)
 
 
 def test_answer_needed_when_shown() -> None:
@@ -127,8 +128,9 @@ def test_pairwise_every_template() -> None:
         assert (p.positive_label, p.negative_label) == ("A", "B")
         assert QUESTION in text
         # (A) shows the first response, (B) the second, in that order.
-        assert text.index(resp_a) < text.index("Final answer: 41") < text.index(resp_b)
-        assert text.index(resp_b) < text.index("Final answer: 42")
+        shown_a, shown_b = neutralise(resp_a), neutralise(resp_b)
+        assert text.index(shown_a) < text.index("Final answer: 41") < text.index(shown_b)
+        assert text.index(shown_b) < text.index("Final answer: 42")
         assert "(A)" in text or "A]" in text
         assert "\\boxed{A}" in text or "\\boxed{}" in text
 
@@ -169,7 +171,7 @@ def test_placeholders_in_user_text_are_not_refilled() -> None:
     tricky_q = "Simplify \\frac{1}{2} + {response} + {question}"
     tricky_r = "We get {previous} and \\boxed{\\frac{3}{4}}"
     text = _content(prompts.pointwise_judgment(tricky_q, tricky_r, "\\frac{3}{4}", "both").messages)
-    assert tricky_q in text and tricky_r in text
+    assert tricky_q in text and neutralise(tricky_r) in text
     text = _content(prompts.reflection_request(tricky_q, tricky_r, "x", "cot", True, 1).messages)
     assert tricky_q in text and tricky_r in text
 

@@ -1,4 +1,5 @@
-"""Reward-data construction (SPARK.md step 4) and the FIFO pool, on synthetic verified rollouts."""
+"""Reward-data construction (verified rollouts recycled into judgment and reflection items) and the FIFO
+pool, on synthetic verified rollouts."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from spark_core import prompts
 from spark_core.config import RewardDataConfig
 from spark_core.reward_data import build_reward_items, update_pool, verify_mode
 from spark_core.schemas import REWARD_ITEMS, VERIFIED
+from spark_core.quoting import neutralise
 
 UNCAPPED = 10**6
 
@@ -97,7 +99,7 @@ def check_item_against_sources(item: dict[str, Any], src: dict[tuple[str, int], 
         return
     mode = item["context_mode"]
     for r in shown:
-        assert (r["completion"] in text) == (mode in ("cot", "both"))
+        assert (neutralise(r["completion"]) in text) == (mode in ("cot", "both"))
         assert (f"Final answer: {r['answer']}" in text) == (mode in ("answer", "both"))
     if item["kind"] == "pointwise":
         (r,) = shown
@@ -110,8 +112,8 @@ def check_item_against_sources(item: dict[str, Any], src: dict[tuple[str, int], 
         right = shown["AB".index(item["label"])]
         assert right["reward"] == 1.0
         marker = "completion" if mode != "answer" else "answer"
-        key_a = shown[0][marker] if marker == "completion" else f"Final answer: {shown[0]['answer']}"
-        key_b = shown[1][marker] if marker == "completion" else f"Final answer: {shown[1]['answer']}"
+        key_a = neutralise(shown[0][marker]) if marker == "completion" else f"Final answer: {shown[0]['answer']}"
+        key_b = neutralise(shown[1][marker]) if marker == "completion" else f"Final answer: {shown[1]['answer']}"
         assert text.index(key_a) < text.index(key_b), "(A) must come before (B)"
 
 
@@ -385,3 +387,26 @@ def test_verify_mode() -> None:
 def test_item_ids_pattern() -> None:
     table = build_reward_items(make_verified(["ccww"] * 3), cfg(), fmt, iteration=7, seed=0)
     assert all(re.fullmatch(r"it0007-\d{5}", i) for i in ids(table))
+
+
+def test_balanced_pointwise_labels_subsample_the_larger_class_only() -> None:
+    """A mostly-wrong policy (30 all-wrong groups, 10 all-right, 20 mixed): with balancing the pointwise
+    items are half 'correct', half 'incorrect'; pairwise and reflection items are exactly those without."""
+    verified = make_verified(["wwww"] * 30 + ["cccc"] * 10 + ["cwww"] * 20)
+    plain = build_reward_items(verified, cfg(), fmt, iteration=0, seed=5).to_pylist()
+    balanced = build_reward_items(verified, cfg(balance_pointwise_labels=True), fmt, iteration=0, seed=5).to_pylist()
+
+    def classes(rows: list[dict[str, Any]]) -> Counter:
+        return Counter(r["label"] == positive_label(r["label_style"]) for r in rows if r["kind"] == "pointwise")
+
+    before, after = classes(plain), classes(balanced)
+    assert before[False] > 2 * before[True] > 0, before  # the paper's rule: mostly 'incorrect'
+    assert after[True] == after[False] == before[True], after
+
+    def others(rows: list[dict[str, Any]]) -> list[tuple]:
+        return [(r["kind"], r["source_question_id"], tuple(r["source_sample_idx"]), r["prompt"], r["label"])
+                for r in rows if r["kind"] != "pointwise"]
+
+    assert others(balanced) == others(plain)
+    kept = {(r["source_question_id"], r["prompt"]) for r in plain}
+    assert all((r["source_question_id"], r["prompt"]) in kept for r in balanced)  # a subset, never new items

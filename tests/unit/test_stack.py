@@ -51,6 +51,7 @@ def test_credentials_are_private_stable_and_only_in_env_sh(tmp_path: Path) -> No
     env = stack.env()
     assert env == {
         "PREFECT_API_URL": "http://127.0.0.1:18012/api",
+        "SPARK_STORE": "s3://spark",  # the store above runs/: no doubled runs/ anywhere
         "AWS_ACCESS_KEY_ID": key_id,
         "AWS_SECRET_ACCESS_KEY": secret,
         "AWS_ENDPOINT_URL": "http://127.0.0.1:18011",

@@ -18,7 +18,8 @@ from pipeline_engine import ArithmeticEngine
 from spark_core import schemas
 from spark_core import stages as S
 from spark_core.config import SparkConfig
-from spark_core.store import Store, eval_stage
+from spark_core.layout import eval_stage
+from spark_core.store import Store
 
 RUN = "stages"
 
@@ -246,6 +247,7 @@ def test_lora_checkpoints_reload_into_the_same_model(tiny_cfg: SparkConfig, tmp_
     cfg = make_cfg(tiny_cfg, tmp_path)
     cfg.model.lora = {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
     cfg.eval.every = 0
+    cfg.store.intermediate_checkpoints = True  # the after-policy checkpoint is written too (its format is tested)
     store = Store(str(tmp_path))
     ws = scripted_workspace()
     S.init_run(cfg, store, "lora", ws)

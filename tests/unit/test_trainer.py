@@ -355,7 +355,7 @@ def test_optimizer_state_names_round_trip():
     """The FSDP save path gathers a name-keyed optimizer state and writes the single-process format."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    from spark_core.trainer import optimizer_state_to_indexed, optimizer_state_to_named
+    from spark_core.trainer_state import optimizer_state_to_indexed, optimizer_state_to_named
 
     model = tiny_model()
     model.model.embed_tokens.weight.requires_grad_(False)  # names must skip frozen parameters
@@ -374,3 +374,68 @@ def test_optimizer_state_names_round_trip():
     assert back["param_groups"] == named["param_groups"] and back["state"].keys() == named["state"].keys()
     with pytest.raises(ValueError, match="does not train"):
         optimizer_state_to_indexed(named, trainer._param_names[1:])
+
+
+def test_each_shared_prompt_is_scored_once_with_the_same_kl():
+    """Reference log-probs from one prompt pass + a KV cache equal a full forward per sequence (float32
+    rounding: |diff| <= 1e-5 per token), and so do the step's KL term and update (rel 1e-5)."""
+    rows = pd.concat([rollouts(11, questions=3, k=4), rollouts(12, questions=1, k=1)], ignore_index=True)
+    results = {}
+    for once in (True, False):
+        model = tiny_model()
+        trainer = Trainer(model, CharTokenizer(), cfg(kl_coef=0.1, micro_batch_size=5), "cpu", total_steps=4,
+                          ref_model=tiny_model(seed=3), temperature=0.7)
+        trainer.score_prompts_once = once
+        seqs = trainer._prepare(rows)
+        ref_logp = trainer._score(trainer.ref_model, seqs)
+        forwards: list[int] = []
+        hook = trainer.ref_model.register_forward_hook(lambda m, a, kw, o: forwards.append(kw["input_ids"].numel()),
+                                                       with_kwargs=True)
+        out = trainer.train_phase(rows, "policy")
+        hook.remove()
+        results[once] = (ref_logp, out[0], weights(model), sum(forwards))
+    (lp_once, out_once, w_once, tokens_once), (lp_full, out_full, w_full, tokens_full) = results[True], results[False]
+    assert [t.shape for t in lp_once] == [t.shape for t in lp_full]
+    for a, b in zip(lp_once, lp_full):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert out_once["kl"] > 0
+    for key in ("loss", "pg_loss", "kl", "grad_norm"):
+        assert out_once[key] == pytest.approx(out_full[key], rel=1e-5, abs=1e-9), key
+    for k in w_once:
+        torch.testing.assert_close(w_once[k], w_full[k], rtol=1e-5, atol=1e-7)
+    assert tokens_once < 0.6 * tokens_full, (tokens_once, tokens_full)  # prompts went through once
+
+
+def test_scoring_prompts_once_handles_empty_and_one_token_completions():
+    from spark_core.prefix_scoring import shared_prompt_logprobs
+
+    model = tiny_model(seed=4).eval()
+    prompts = [[3, 4, 5], [3, 4, 5], [3, 4, 5], [7, 8]]
+    completions = [[9], [], [9, 10, 11], [12, 13]]
+    got = shared_prompt_logprobs(model, prompts, completions, pad_id=0, device=torch.device("cpu"), max_sequences=2)
+    assert [t.shape[0] for t in got] == [1, 0, 3, 2]
+    for p, c, lp in zip(prompts, completions, got):
+        if c:
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([p + c])).logits[0].float()
+            want = torch.log_softmax(logits[len(p) - 1 : -1], -1).gather(-1, torch.tensor(c)[:, None])[:, 0]
+            torch.testing.assert_close(lp, want, rtol=0, atol=1e-5)
+
+
+def test_state_file_is_written_without_crc_and_reads_back_exactly(tmp_path):
+    """write_state skips torch's per-record CRC32 (the manifest's sha256 covers the file), leaves the
+    process-wide option as it found it, and torch.load reads every tensor back bit for bit."""
+    import zipfile
+
+    from spark_core.trainer_state import read_state, write_state
+
+    state = {"optimizer": {"state": {0: {"exp_avg": torch.randn(1000), "step": torch.tensor(3.0)}}},
+             "global_step": 3, "torch_rng": torch.get_rng_state()}
+    before = torch.serialization.get_crc32_options()
+    write_state(tmp_path / "trainer_state.pt", state)
+    assert torch.serialization.get_crc32_options() == before
+    with zipfile.ZipFile(tmp_path / "trainer_state.pt") as z:
+        assert {i.CRC for i in z.infolist() if i.file_size > 0} == {0}  # no CRC was computed
+    got = read_state(tmp_path / "trainer_state.pt")
+    assert torch.equal(got["optimizer"]["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
+    assert got["global_step"] == 3 and torch.equal(got["torch_rng"], state["torch_rng"])

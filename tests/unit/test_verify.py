@@ -11,15 +11,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from spark_core import verify as verify_mod
+from spark_core import verify_pool as verify_mod
 from spark_core.verify import (
     VerifyResult,
     extract_boxed,
-    shutdown_pool,
     verify,
-    verify_batch,
     verify_choice,
 )
+from spark_core.verify_pool import shutdown_pool, verify_batch
 
 TOWER = "\\boxed{9^{9^{9^{9}}}}"
 HUGE_EXPR = "\\boxed{" + "1+" * 600_000 + "1}"  # 1.2 MB that SymPy cannot finish in time

@@ -233,7 +233,8 @@ def test_worker_rejects_bad_arguments() -> None:
 
 
 def test_worker_imports_only_stdlib_pyarrow_and_vllm() -> None:
-    """The worker runs in an environment without spark_core's dependencies: check its import statements."""
+    """The worker runs in an environment without spark_core's dependencies: check its import statements
+    (safetensors, for weight updates, is a dependency of vLLM itself)."""
     tree = ast.parse(Path(wire.__file__).read_text())
     imported = set()
     for node in ast.walk(tree):
@@ -243,7 +244,9 @@ def test_worker_imports_only_stdlib_pyarrow_and_vllm() -> None:
             assert node.level == 0, "relative imports would pull in the spark_core package"
             imported.add((node.module or "").split(".")[0])
     third_party = {m for m in imported if m not in sys.stdlib_module_names and m != "__future__"}
-    assert third_party == {"pyarrow", "vllm"}, third_party
+    # PIL decodes the images of vision-language requests (Pillow is a dependency of vLLM itself);
+    # safetensors carries the trainer's weights to the worker (a dependency of vLLM too)
+    assert third_party == {"pyarrow", "vllm", "PIL", "safetensors"}, third_party
 
 
 def test_job_timeout_kills_the_worker(checkpoint: Path, fake_env: dict[str, str], tmp_path: Path) -> None:
@@ -255,3 +258,111 @@ def test_job_timeout_kills_the_worker(checkpoint: Path, fake_env: dict[str, str]
     with pytest.raises(VLLMEngineError, match="ran past 1s") as err:
         engine.generate(["q"], SamplingParams())
     assert "loading forever" in str(err.value) and not engine.running
+
+
+def test_images_travel_as_multi_modal_data(checkpoint: Path, fake_env: dict[str, str]) -> None:
+    """Prompts with images reach ``LLM.generate`` as ``{"prompt", "multi_modal_data": {"image": [...]}}``,
+    capped at images.MAX_PIXELS; prompts without images stay plain strings; the LLM reserves image slots."""
+    import io
+
+    from PIL import Image
+
+    from spark_core.images import MAX_PIXELS
+
+    def png(size: tuple[int, int]) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", size, (9, 9, 9)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
+    prompts = [f"{placeholder}what?", "text only", f"{placeholder}{placeholder}compare"]
+    images = [[png((40, 20))], [], [png((2048, 1024)), png((30, 30))]]
+    with VLLMEngine(checkpoint, sys.executable, require_cuda=False, env=fake_env,
+                    limit_mm_per_prompt={"image": 4}) as engine:
+        out = engine.generate(prompts, SamplingParams(n=2, max_new_tokens=20, seed=3), images=images)
+        plain = engine.generate(prompts, SamplingParams(n=2, max_new_tokens=20, seed=3))
+    assert [len(s) for s in out] == [2, 2, 2]
+    rec = records(fake_env)
+    assert [r for r in rec if r["kind"] == "LLM"][0]["limit_mm_per_prompt"] == {"image": 4}
+    mm, text = [r for r in rec if r["kind"] == "generate"]
+    assert mm["prompts"] == prompts and text["images"] == [None, None, None]
+    assert mm["images"][0] == [["RGB", [40, 20]]] and mm["images"][1] is None
+    (mode, (w, h)), second = mm["images"][2]
+    assert mode == "RGB" and w * h <= MAX_PIXELS and second == ["RGB", [30, 30]]
+    assert out[0][0].text != plain[0][0].text  # the stand-in's text depends on the images it got
+
+
+def test_factory_reserves_image_slots_for_vision_checkpoints(checkpoint: Path) -> None:
+    from spark_core.engines.factory import _image_limit
+
+    assert _image_limit(checkpoint) is None
+    (checkpoint / "config.json").write_text(json.dumps({"vision_config": {}}))
+    assert _image_limit(checkpoint) == {"image": 4}
+
+
+# ------------------------------------------------------------ lifecycle: one worker per iteration
+
+
+def test_one_worker_serves_an_iteration_and_takes_new_weights_in_place(checkpoint: Path,
+                                                                       fake_env: dict[str, str]) -> None:
+    """The protocol of engines.base on the real worker: start once, sleep while the trainer runs, load the
+    trainer's weights in place (collective_rpc -> model.load_weights), wake, sample with the new weights."""
+    import torch
+
+    params = SamplingParams(n=2, max_new_tokens=40, seed=3)
+    with VLLMEngine(checkpoint, sys.executable, require_cuda=False, env=fake_env, enable_sleep_mode=True) as engine:
+        assert engine.supports_weight_update()
+        before = engine.generate(["p"], params)
+        pid = engine._proc.pid  # noqa: SLF001 - the same worker throughout
+        for step in (1, 2):  # two training phases
+            engine.sleep()
+            engine.update_weights({"model.embed_tokens.weight": torch.full((3, 2), float(step)),
+                                   "lm_head.weight": torch.zeros(3, 2)})
+            after = engine.generate(["p"], params)
+            assert after != before  # sampled by the new weights
+            before = after
+        assert engine._proc.pid == pid and engine.weight_updates == 2  # noqa: SLF001
+    rec = records(fake_env)
+    kinds = [r["kind"] + (f":{r['tags'][0]}" if r["kind"] == "wake_up" else "") for r in rec]
+    assert kinds == ["LLM", "generate"] + ["sleep", "wake_up:weights", "load_weights", "reset_prefix_cache",
+                                           "wake_up:kv_cache", "generate"] * 2
+    assert rec[0]["enable_sleep_mode"] is True and rec[2]["level"] == 2
+    loads = [r for r in rec if r["kind"] == "load_weights"]
+    assert loads[0]["names"] == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert loads[0]["version"] != loads[1]["version"]
+
+
+def test_weights_sent_before_the_worker_starts_are_loaded_first(checkpoint: Path, fake_env: dict[str, str]) -> None:
+    import torch
+
+    engine = VLLMEngine(checkpoint, sys.executable, require_cuda=False, env=fake_env)
+    engine.update_weights({"w": torch.ones(2)})
+    engine.sleep()  # no sleep mode, no worker: nothing to do
+    assert not engine.running
+    try:
+        engine.generate(["p"], SamplingParams(n=1, max_new_tokens=8))
+    finally:
+        engine.close()
+    assert [r["kind"] for r in records(fake_env)] == ["LLM", "load_weights", "reset_prefix_cache", "generate"]
+
+
+def test_adapter_engines_are_restarted_not_updated(checkpoint: Path, fake_env: dict[str, str]) -> None:
+    from spark_core.engines.base import supports_weight_update
+
+    adapter = checkpoint / "adapter"
+    adapter.mkdir()
+    engine = VLLMEngine(checkpoint, sys.executable, require_cuda=False, lora_path=adapter, env=fake_env)
+    assert not supports_weight_update(engine)
+    with pytest.raises(VLLMEngineError, match="restart"):
+        engine.update_weights({})
+    assert supports_weight_update(VLLMEngine(checkpoint, sys.executable, require_cuda=False, env=fake_env))
+    assert not supports_weight_update(object())  # engines without the optional method (hf, openai)
+
+
+def test_an_engine_that_slept_needs_its_new_weights_before_it_samples(checkpoint: Path,
+                                                                       fake_env: dict[str, str]) -> None:
+    with VLLMEngine(checkpoint, sys.executable, require_cuda=False, env=fake_env, enable_sleep_mode=True) as engine:
+        engine.generate(["p"], SamplingParams(n=1, max_new_tokens=4))
+        engine.sleep()
+        with pytest.raises(VLLMEngineError, match="update_weights first"):
+            engine.generate(["p"], SamplingParams(n=1, max_new_tokens=4))

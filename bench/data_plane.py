@@ -18,6 +18,7 @@ Three measurements, each against a baseline in the same run:
 
 from __future__ import annotations
 
+import glob
 import json
 import random
 import sys
@@ -87,7 +88,8 @@ def rollouts(n: int, k: int = 8, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def worker_verify(spec: dict[str, Any]) -> dict[str, Any]:
-    from spark_core.verify import shutdown_pool, verify, verify_batch
+    from spark_core.verify import verify
+    from spark_core.verify_pool import shutdown_pool, verify_batch
 
     rows = rollouts(spec["n"], seed=1)
     completions = [r["completion"] for r in rows]
@@ -180,7 +182,7 @@ def write_synthetic_run(root: str, iterations: int, rows_per_iter: int) -> tuple
     """A run of `iterations` iterations (`verified` + `train/phase=policy`) in a local store."""
     import pyarrow as pa
 
-    from spark_core import schemas
+    from spark_core import layout, schemas
     from spark_core.store import Store
 
     store = Store(root)
@@ -194,13 +196,13 @@ def write_synthetic_run(root: str, iterations: int, rows_per_iter: int) -> tuple
              "sample_idx": r["sample_idx"], "reward": r["reward"]}
             for r in rows
         ], schema=schemas.VERIFIED)
-        store.write_table(store.stage_uri(run_id, it, "verified"), table)
+        store.write_table(store.stage_uri(run_id, it, layout.VERIFIED), table)
         train = pa.Table.from_pylist([
             {"step": it, "phase": "policy", "loss": 0.1, "pg_loss": 0.1, "kl": 0.0, "grad_norm": 1.0,
              "lr": 1e-6, "clip_frac": 0.0, "mean_reward": 0.5, "num_sequences": rows_per_iter,
              "num_tokens": 40 * rows_per_iter}
         ], schema=schemas.TRAIN)
-        store.write_table(store.stage_uri(run_id, it, "train/phase=policy"), train)
+        store.write_table(store.stage_uri(run_id, it, layout.TRAIN_POLICY), train)
     return store.uri, run_id
 
 
@@ -208,15 +210,16 @@ def bench_read(iterations: int, rows_per_iter: int, rounds: int) -> dict[str, An
     import duckdb
     import pyarrow.dataset as ds
 
+    from spark_core import layout
     from spark_core.store import Store
 
     with tempfile.TemporaryDirectory(prefix="spark-bench-store-") as tmp:
         with common.stopwatch() as t:
             uri, run_id = write_synthetic_run(tmp, iterations, rows_per_iter)
         write_s = t[0]
-        run_dir = Path(uri) / "runs" / run_id
-        pattern = str(run_dir / "*" / "verified" / "*.parquet")
         store = Store(uri)
+        run_dir = Path(store.run_uri(run_id))
+        pattern = layout.stage_glob(str(run_dir), layout.VERIFIED)
         answers: dict[str, Any] = {}
 
         def duck_agg() -> float:
@@ -230,7 +233,7 @@ def bench_read(iterations: int, rows_per_iter: int, rounds: int) -> dict[str, An
 
         def arrow_agg() -> float:
             with common.stopwatch() as t:
-                files = sorted(str(p) for p in run_dir.glob("iter=*/verified/*.parquet"))
+                files = sorted(glob.glob(pattern))
                 dataset = ds.dataset(files, format="parquet", partitioning="hive", partition_base_dir=str(run_dir))
                 df = dataset.to_table(columns=["iter", "reward"]).to_pandas()
                 agg = df.groupby("iter")["reward"].mean()
@@ -239,7 +242,7 @@ def bench_read(iterations: int, rows_per_iter: int, rounds: int) -> dict[str, An
 
         def store_agg() -> float:
             with common.stopwatch() as t:
-                df = store.read_stage_across_iterations(run_id, "verified", columns=["reward"]).to_pandas()
+                df = store.read_stage_across_iterations(run_id, layout.VERIFIED, columns=["reward"]).to_pandas()
                 agg = df.groupby("iteration")["reward"].mean()
             answers["store"] = [round(x, 6) for x in agg]
             return t[0]
@@ -251,21 +254,21 @@ def bench_read(iterations: int, rows_per_iter: int, rounds: int) -> dict[str, An
 
         def arrow_all() -> float:
             with common.stopwatch() as t:
-                files = sorted(str(p) for p in run_dir.glob("iter=*/verified/*.parquet"))
+                files = sorted(glob.glob(pattern))
                 ds.dataset(files, format="parquet", partitioning="hive",
                            partition_base_dir=str(run_dir)).to_table().to_pandas()
             return t[0]
 
         def store_all() -> float:
             with common.stopwatch() as t:
-                store.read_stage_across_iterations(run_id, "verified").to_pandas()
+                store.read_stage_across_iterations(run_id, layout.VERIFIED).to_pandas()
             return t[0]
 
         for fn in (duck_agg, arrow_agg, store_agg, duck_all, arrow_all, store_all):
             fn()  # warm-up: imports, DuckDB connection, OS page cache
         agg = common.alternate(rounds, {"duckdb": duck_agg, "pyarrow": arrow_agg, "store": store_agg})
         full = common.alternate(rounds, {"duckdb": duck_all, "pyarrow": arrow_all, "store": store_all})
-        bytes_on_disk = sum(p.stat().st_size for p in run_dir.rglob("*.parquet") if "/verified/" in str(p))
+        bytes_on_disk = sum(p.stat().st_size for p in run_dir.rglob("*.parquet") if f"/{layout.VERIFIED}/" in str(p))
     return {
         "iterations": iterations, "rows": iterations * rows_per_iter, "write_s": write_s,
         "parquet_mb": round(bytes_on_disk / 2**20, 2), "aggregate": agg, "full": full,

@@ -25,10 +25,10 @@ def load(preset: str) -> tuple[Any, Any, list[str]]:
     from spark_core.chat import formatter, question_messages
     from spark_core.config import load_config
     from spark_core.data import make_arithmetic
-    from spark_core.models import load_model_and_tokenizer
+    from spark_core.initial_model import load_initial_model
 
     cfg = load_config(preset=preset, overrides={"device": "cpu", "model": {"dtype": "float32"}})
-    model, tokenizer = load_model_and_tokenizer(cfg.model, device="cpu")
+    model, tokenizer = load_initial_model(cfg, device="cpu")
     fmt = formatter(tokenizer, cfg.data.use_chat_template)
     questions = make_arithmetic(cfg.data.arithmetic, "test")
     prompts = [fmt(question_messages(cfg.data, q.question)) for q in questions]

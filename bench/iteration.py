@@ -2,10 +2,16 @@
 
 Modes, each in a fresh process with a fresh store and the same config and seed:
 
-* ``direct``: the stage functions of ``spark_core.stages`` called in order in one process (no Prefect);
+* ``direct``: the flow's loop (``flows.iteration.run_iteration``) with ``Steps.direct()``: the stage
+  functions of ``spark_core.stages`` called in one process, no Prefect task or flow;
 * ``flow``: ``flows.iteration.spark_iteration`` on Prefect's ephemeral API (no server to start by hand);
 * ``direct-s3`` / ``flow-s3``: the same against a SeaweedFS S3 server started through
-  ``infra/local/stack.py`` (skipped when the stack or the ``weed`` binary is missing; ``--no-s3``).
+  ``infra/local/stack.py`` (skipped when the stack or the ``weed`` binary is missing; ``--no-s3``);
+* ``flow-limit``: ``flow`` with a tag concurrency limit ``gpu`` (1 slot) on the server and
+  ``gpu_concurrency_tag="gpu"``: what a configured limit costs;
+* ``flow-before``: ``flow`` as it was before issue 15 (main at 7347ca5), rebuilt here: every task tagged
+  ``spark`` (GPU-bound ones also ``gpu``, no limit defined), the run guard doubled by a one-slot Prefect
+  global concurrency limit, flow heartbeats on.
 
 Iteration 0 (initial checkpoint and baseline evaluation) is created first, the same way in every mode,
 and is not timed; iterations 1..N are. Every interesting function is wrapped with a timer that records
@@ -17,7 +23,9 @@ overhead is not only measured but attributed.
     python bench/iteration.py            # tiny (3 iterations, 4 modes) + smollm2-arith (1 iteration, flow)
     python bench/iteration.py --quick    # tiny only, 1 iteration, local store
     python bench/iteration.py --models smollm2-arith --modes direct,flow   # side by side (~15 min)
-Targets: flow overhead (flow wall - compute) <= 3 s per iteration on tiny, <= 3% on smollm2-arith.
+    python bench/iteration.py --models tiny --modes direct,flow,flow-limit,flow-before --iterations 11 --no-s3
+Targets (issue 15): flow overhead (flow wall - compute) <= 0.5 s per iteration on tiny, every iteration;
+<= 3% on smollm2-arith.
 """
 
 from __future__ import annotations
@@ -140,8 +148,9 @@ STAGES = ("init_run", "sample_policy", "verify_policy", "build_reward_data", "tr
 
 def instrument(timers: Timers, flow_mode: bool) -> None:
     """Wrap the functions whose time we attribute (class attributes, so every instance is covered)."""
-    from spark_core import evaluation, models, reward_data, stages, verify
+    from spark_core import evaluation, models, reward_data, stages, verify_pool
     from spark_core.engines.hf import HFEngine
+    from spark_core.stages import Workspace
     from spark_core.store import Store
     from spark_core.trainer import Trainer
 
@@ -149,28 +158,26 @@ def instrument(timers: Timers, flow_mode: bool) -> None:
         setattr(stages, name, timers.wrap(f"stage:{name}", getattr(stages, name)))
     # Stages import these lazily (`from .x import f` inside the function), so module attributes work.
     models.load_model_and_tokenizer = timers.wrap("model load", models.load_model_and_tokenizer)
-    verify.verify_batch = timers.wrap("verify_batch", verify.verify_batch)
+    verify_pool.verify_batch = timers.wrap("verify_batch", verify_pool.verify_batch)
     reward_data.build_reward_items = timers.wrap("build_reward_items", reward_data.build_reward_items)
     evaluation.evaluate_benchmark = timers.wrap("evaluate_benchmark", evaluation.evaluate_benchmark)
     evaluation.evaluate_preference = timers.wrap("evaluate_preference", evaluation.evaluate_preference)
     HFEngine.generate = timers.wrap("generate", HFEngine.generate)  # type: ignore[method-assign]
     Trainer.train_phase = timers.wrap("train_phase", Trainer.train_phase)  # type: ignore[method-assign]
-    stages._save_live_checkpoint = timers.wrap("checkpoint save", stages._save_live_checkpoint)
+    Workspace.save_checkpoint = timers.wrap("checkpoint save", Workspace.save_checkpoint)  # type: ignore[method-assign]
     Store.__init__ = timers.wrap("Store()", Store.__init__)  # type: ignore[method-assign]
     Store.write_table = timers.wrap("write_table", Store.write_table)  # type: ignore[method-assign]
     Store.read_table = timers.wrap("read_table", Store.read_table)  # type: ignore[method-assign]
     Store.download_checkpoint = timers.wrap(  # type: ignore[method-assign]
         "download_checkpoint", Store.download_checkpoint)
-    Store._read_json = timers.wrap("manifest/exists", Store._read_json)  # type: ignore[method-assign]
-    Store._exists = timers.wrap("manifest/exists", Store._exists)  # type: ignore[method-assign]
+    for name in ("manifest", "manifest_or_none", "is_done", "exists", "read_run", "latest"):
+        setattr(Store, name, timers.wrap("manifest/exists", getattr(Store, name)))
     Store.write_bytes = timers.wrap("write_bytes", Store.write_bytes)  # type: ignore[method-assign]
     if flow_mode:
         import flows.iteration as fi
 
-        for attr in dir(fi):
-            if attr.endswith("_task") and attr != "publish_task":
-                setattr(fi, attr, timers.wrap(f"task:{attr[:-5]}", getattr(fi, attr)))
-        fi.publish_task = timers.wrap("publish", fi.publish_task)
+        fi.TASKS = fi.TASKS.wrapped(  # the steps spark_iteration runs
+            lambda name, step: timers.wrap("publish" if name == "publish_task" else f"task:{name[:-5]}", step))
         guard = fi.run_guard
 
         @contextlib.contextmanager
@@ -192,6 +199,39 @@ def instrument(timers: Timers, flow_mode: bool) -> None:
         fi.run_guard = timed_guard
 
 
+def as_before_issue_15() -> None:
+    """Put back what issue 15 removed, for the ``flow-before`` mode: task tags ``spark`` (+ ``gpu`` on
+    the GPU-bound steps, no limit defined) on every task and asset task, and the Prefect global
+    concurrency limit ``spark-run-{run}`` around the store lease. Flow heartbeats stay on (the worker
+    skips ``embedded_prefect``)."""
+    from dataclasses import fields
+
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+
+    import flows.iteration as fi
+    import tasks.assets as ta
+    from flows.steps import GPU_STEPS
+    from tasks.common import prefect_slug
+
+    fi.TASKS = fi.Steps(**{f.name: getattr(fi.TASKS, f.name).with_options(
+        tags=["spark", "gpu"] if f.name in GPU_STEPS else ["spark"]) for f in fields(fi.Steps)})
+    materialize = ta.materialize
+    ta.materialize = lambda *a, **k: materialize(*a, **{**k, "tags": ["spark"]})  # type: ignore[assignment]
+    store_guard = fi.run_guard
+
+    @contextlib.contextmanager
+    def old_guard(store: Any, run_id: str, wait_s: float) -> Iterator[Any]:
+        name = f"spark-run-{prefect_slug(run_id)}"
+        with get_client(sync_client=True) as client:
+            client.upsert_global_concurrency_limit_by_name(name, limit=1)
+        with concurrency(name, occupy=1, timeout_seconds=max(wait_s, 1.0), lease_duration=120, strict=False):
+            with store_guard(store, run_id, wait_s) as lock:
+                yield lock
+
+    fi.run_guard = old_guard
+
+
 # ------------------------------------------------------------------------------------- worker
 
 
@@ -203,25 +243,6 @@ def bench_config(preset: str, iterations: int, store_uri: str) -> Any:
         # Keep the evaluation short (it is ordinary compute here, same in every mode).
         overrides["eval"] = {"benchmarks": [{"name": "arithmetic", "source": "arithmetic", "limit": 4}]}
     return load_config(preset=preset, overrides=overrides)
-
-
-def run_stages_directly(cfg: Any, store: Any, run_id: str, i: int) -> None:
-    """One iteration exactly as flows.iteration.run_iteration orders it, minus Prefect and publishing."""
-    from spark_core import stages as S
-
-    S.sample_policy(cfg, store, run_id, i)
-    S.verify_policy(cfg, store, run_id, i)
-    if cfg.reward_data.enabled:
-        S.build_reward_data(cfg, store, run_id, i)
-    trained = S.train_policy(cfg, store, run_id, i)
-    if trained["reward_phase"]:
-        S.sample_reward(cfg, store, run_id, i)
-        S.verify_reward(cfg, store, run_id, i)
-        S.train_reward(cfg, store, run_id, i)
-    if S.eval_due(cfg, i):
-        for b in cfg.eval.benchmarks:
-            S.evaluate(cfg, store, run_id, i, b.name)
-    S.finish_iteration(cfg, store, run_id, i)
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -245,14 +266,19 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    from spark_core import stages as S
     from spark_core.store import Store
 
-    if flow_mode:
-        import flows.iteration  # noqa: F401  (imports prefect)
+    from flows.iteration import Steps, run_iteration, start_run  # the flow's loop (imports prefect)
     out["imports_s"] = time.perf_counter() - t
     out["process_start_s"] = started - spec["spawned_at"]  # interpreter start until our code runs
 
+    if mode == "flow-before":
+        as_before_issue_15()
+    if mode == "flow-limit":
+        import flows.iteration as fi
+
+        # What `gpu_concurrency_tag="gpu"` does in the flow, applied before the timers wrap the tasks.
+        fi.TASKS = fi.TASKS.with_concurrency_tag("gpu")
     timers = Timers()
     instrument(timers, flow_mode)
     store_uri = spec.get("store_uri") or str(Path(tmp) / "store")
@@ -260,31 +286,44 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     store = Store(store_uri)
     run_id = f"bench-{mode}"
 
+    direct = Steps.direct()  # the flow's loop with the stages called in this process
+
+    def no_lease() -> None:
+        """Direct mode holds no run lease (nothing else writes this store)."""
+
     # Iteration 0, the same in every mode: run.json, initial checkpoint, baseline evaluation.
     t = time.perf_counter()
-    S.init_run(cfg, store, run_id)
-    if S.eval_due(cfg, 0):
-        for b in cfg.eval.benchmarks:
-            S.evaluate(cfg, store, run_id, 0, b.name)
-    S.finish_iteration(cfg, store, run_id, 0)
+    start_run(cfg, store_uri, run_id, no_lease, direct)
     out["iteration0_s"] = time.perf_counter() - t
     out["iteration0_timers"] = timers.snapshot()
 
+    stack = contextlib.ExitStack()
     if flow_mode:
         from prefect import flow
 
+        from flows.common import embedded_prefect
         from flows.iteration import spark_iteration
 
         @flow(name="bench-ping")
-        def ping() -> int:
-            return 1
+        def ping() -> Any:
+            from prefect.settings import get_current_settings
 
+            return get_current_settings().flows.heartbeat_frequency
+
+        # As `spark run` does: no flow heartbeats on the temporary API (not in the "before" mode).
+        embedded = contextlib.nullcontext() if mode == "flow-before" else embedded_prefect()
+        stack.enter_context(embedded)
         t = time.perf_counter()
         ping()  # the first flow of a process starts the ephemeral API server
         out["prefect_first_flow_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        ping()
+        out["flow_heartbeat_s"] = ping()
         out["prefect_empty_flow_s"] = time.perf_counter() - t
+        if mode == "flow-limit":
+            from prefect.client.orchestration import get_client
+
+            with get_client(sync_client=True) as client:  # = `prefect concurrency-limit create gpu 1`
+                client.create_concurrency_limit(tag="gpu", concurrency_limit=1)
 
     iterations = []
     profiler = None
@@ -300,11 +339,12 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             with timers.span("flow"):
                 spark_iteration(run_id=run_id, config=cfg, store=store_uri)
         else:
-            run_stages_directly(cfg, store, run_id, i)
+            run_iteration(cfg, store_uri, run_id, i, no_lease, direct)
         wall = time.perf_counter() - t
         assert store.latest(run_id) == i, f"iteration {i} did not complete (LATEST={store.latest(run_id)})"
         iterations.append({"iteration": i, "wall_s": wall, **timers.snapshot()})
         print(f"[iteration] {preset} {mode} iteration {i}: {wall:.2f} s", file=sys.stderr)
+    stack.close()
     out["iterations"] = iterations
     if profiler is not None:
         import io
@@ -317,7 +357,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         stats.sort_stats("tottime").print_stats(20)
         out["profile"] = buf.getvalue()
     with contextlib.suppress(Exception):
-        from spark_core.verify import shutdown_pool
+        from spark_core.verify_pool import shutdown_pool
 
         shutdown_pool()
     return out
@@ -377,8 +417,13 @@ def summarise(res: dict[str, Any], skip_first: bool) -> dict[str, Any]:
         by_cat[category(name)] += seconds
     by_cat["unattributed"] = max(0.0, wall - sum(by_cat.values()))
     stage_sum = sum(v for k, v in inc.items() if k.startswith("stage:"))
+    # Per iteration: wall - compute (every iteration, not only the median one).
+    overheads = [it["wall_s"] - sum(v for k, v in it["exclusive"].items()
+                                    if category(k) == "compute" and not k.endswith("(background)")) for it in iters]
     return {"wall_s": wall, "compute_s": by_cat.get("compute", 0.0), "stage_sum_s": stage_sum,
-            "by_category": dict(by_cat), "exclusive": exc, "inclusive": inc, "n": len(iters)}
+            "by_category": dict(by_cat), "exclusive": exc, "inclusive": inc, "n": len(iters),
+            "overhead_min_s": min(overheads), "overhead_max_s": max(overheads),
+            "wall_min_s": min(it["wall_s"] for it in iters), "wall_max_s": max(it["wall_s"] for it in iters)}
 
 
 def main() -> int:
@@ -388,6 +433,9 @@ def main() -> int:
     parser.add_argument("--modes", default=None,
                         help="comma list of modes (direct, flow, direct-s3, flow-s3) for every preset")
     parser.add_argument("--profile", action="store_true", help="cProfile the timed iterations of each mode")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="iterations per mode (default: 3 for tiny, 1 for smollm2-arith; the first is untimed "
+                             "when there are several)")
     args = parser.parse_args()
     common.apply_threads(args)
     if args.worker:
@@ -406,6 +454,8 @@ def main() -> int:
     }
     if args.modes:
         plan = {p: (n, args.modes.split(",")) for p, (n, _) in plan.items()}
+    if args.iterations:
+        plan = {p: (args.iterations, modes) for p, (_, modes) in plan.items()}
     want_s3 = not args.no_s3 and any(m.endswith("s3") for p in presets for m in plan[p][1])
     results: dict[str, dict[str, Any]] = defaultdict(dict)
     s3_start = None
@@ -442,7 +492,8 @@ def main() -> int:
         for mode, s in summaries.items():
             base = summaries.get("direct-s3" if mode.endswith("s3") else "direct")
             overhead = s["wall_s"] - s["compute_s"]
-            rows.append([preset, mode, s["n"], s["wall_s"], s["compute_s"], overhead,
+            rows.append([preset, mode, s["n"], s["wall_s"], f"{s['wall_min_s']:.2f} / {s['wall_max_s']:.2f}",
+                         s["compute_s"], overhead, f"{s['overhead_min_s']:.2f} / {s['overhead_max_s']:.2f}",
                          100 * overhead / s["wall_s"] if s["wall_s"] else float("nan"),
                          (s["wall_s"] - base["wall_s"]) if base and mode.startswith("flow") else None])
             breakdown_rows.append([preset, mode] + [s["by_category"].get(c, 0.0) for c in cats])
@@ -451,7 +502,8 @@ def main() -> int:
                      f"iteration 0 (model build/load, checkpoint, baseline eval) {r['iteration0_s']:.1f} s"]
             if "prefect_first_flow_s" in r:
                 facts.append(f"first flow of the process (ephemeral API start) {r['prefect_first_flow_s']:.1f} s, "
-                             f"an empty flow after that {r['prefect_empty_flow_s']:.2f} s")
+                             f"an empty flow after that {r['prefect_empty_flow_s']:.2f} s "
+                             f"(flow heartbeat every {r.get('flow_heartbeat_s')} s)")
             notes.append(f"{preset} {mode}, once per process (not in the table): " + "; ".join(facts) + ".")
         top = []
         for mode, s in summaries.items():
@@ -469,13 +521,13 @@ def main() -> int:
         notes.append(f"SeaweedFS S3 server (infra/local/stack.py) started in {s3_start:.1f} s "
                      "(once, not in the table).")
     table = common.markdown_table(
-        ["model", "mode", "iterations timed", "wall s/iteration", "compute s", "overhead s (wall - compute)",
-         "overhead %", "flow - direct s"], rows)
+        ["model", "mode", "iterations timed", "wall s/iteration (median)", "wall min / max", "compute s",
+         "overhead s (wall - compute, median)", "overhead min / max", "overhead %", "flow - direct s"], rows)
     breakdown = common.markdown_table(["model", "mode"] + cats, breakdown_rows)
     notes = [
         "Medians over timed iterations (the first timed iteration is dropped when there are several). "
         "Compute = generate + verify_batch + build_reward_items + train_phase + evaluation (exclusive times).",
-        "Targets: flow overhead <= 3 s/iteration on tiny, <= 3% on smollm2-arith.",
+        "Targets: flow overhead <= 0.5 s/iteration on tiny (every iteration), <= 3% on smollm2-arith.",
     ] + notes
     print(common.report("One SPARK iteration: Prefect flow vs stages called directly", info,
                         [("", table), ("**where the wall time goes** (exclusive seconds per iteration)", breakdown)],

@@ -17,9 +17,27 @@ Timed: every step after the first (warm-up). Tokens/s = generated tokens / step 
 breakdown (generate, reward, no-grad scoring, forward+backward+optimizer) comes from timers wrapped
 around each side's own methods; ``--profile`` adds a cProfile listing of our step.
 
+Roofline: our worker also measures the machine's dense matmul throughput (``torch.matmul`` of square
+float32 matrices, the same thread count, best of several runs) and reports each phase's achieved FLOP/s
+as a share of it. FLOPs counted (attention-score and softmax FLOPs left out, as small at these lengths):
+forward = 2 x N_body x tokens through the layers + 2 x N_head x positions that reach the LM head, where
+N_body = the parameters of the transformer layers (no embeddings) and N_head = vocab x hidden;
+backward = 2 x forward; so a training pass (forward + backward) = 3 x forward. Per phase:
+
+* sampling: every prompt token of every sequence (the engine prefills each of the K copies) and every
+  generated token through the layers; one head position per generated token;
+* reference (no grad): the tokens its forward actually processes (each shared prompt once plus the
+  completions with the prompt KV cache; every prompt+completion token without it), head on completions;
+* training: prompt+completion tokens of every sequence, forward + backward, head on the completion
+  positions (``logits_to_keep``); the time is the phase "other" (it also holds the optimizer step).
+
+It also times the reference pass both ways on the same sequences (each shared prompt once, and a full
+forward per sequence) outside the step clock, and checks they agree.
+
     python bench/step.py                 # tiny and smollm2-arith, ~8 min on 2 idle cores
     python bench/step.py --quick         # smoke run (tiny only, 2 steps)
-Target: ours <= 0.9x TRL's time per step.
+    python bench/step.py --models tiny --no-trl   # our side only (roofline, reference A/B)
+Target: ours <= 0.5x TRL's time per step; training phase >= 40% of the matmul throughput (smollm2-arith).
 """
 
 from __future__ import annotations
@@ -75,7 +93,7 @@ def setup(spec: dict[str, Any]) -> tuple[Any, Any, Any, list[list[Any]]]:
     """Config, model, tokenizer and the questions of every step (the same on both sides)."""
     from spark_core.config import load_config
     from spark_core.data import batch_for_iteration, load_training_questions
-    from spark_core.models import load_model_and_tokenizer
+    from spark_core.initial_model import load_initial_model
 
     common.quiet_libraries()
     common.set_threads()
@@ -83,7 +101,7 @@ def setup(spec: dict[str, Any]) -> tuple[Any, Any, Any, list[list[Any]]]:
 
     torch.manual_seed(SEED)
     cfg = load_config(preset=spec["preset"], overrides={"device": "cpu", "model": {"dtype": "float32"}})
-    model, tokenizer = load_model_and_tokenizer(cfg.model, device="cpu")
+    model, tokenizer = load_initial_model(cfg, device="cpu")
     questions = load_training_questions(cfg.data)
     # Start the verifier's process pool now (it starts lazily on the first answer that needs
     # Math-Verify): a run pays that once per process, not inside some random step.
@@ -93,9 +111,51 @@ def setup(spec: dict[str, Any]) -> tuple[Any, Any, Any, list[list[Any]]]:
 
 
 def rewards_for(texts: list[str], golds: list[str]) -> list[float]:
-    from spark_core.verify import verify_batch
+    from spark_core.verify_pool import verify_batch
 
     return [r.reward for r in verify_batch(texts, golds)]
+
+
+# ---------------------------------------------------------------------------------- roofline
+
+
+def matmul_flops_per_s(n: int = 1024, seconds: float = 1.0, rounds: int = 5) -> float:
+    """Dense float32 ``torch.matmul`` throughput of this process (its thread count): best of `rounds`."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)  # warm-up
+    best = 0.0
+    for _ in range(rounds):
+        count, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds / rounds or count == 0:
+            torch.matmul(a, b)
+            count += 1
+        best = max(best, 2 * n**3 * count / elapsed)
+    return best
+
+
+def param_counts(model: Any) -> tuple[int, int]:
+    """(N_body, N_head): parameters of the transformer layers (no embeddings), and the LM head's."""
+    head = model.get_output_embeddings().weight
+    embed = model.get_input_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())
+    tied = head.data_ptr() == embed.data_ptr()
+    return total - embed.numel() - (0 if tied else head.numel()), head.numel()
+
+
+def step_flops(n_body: int, n_head: int, prompt_lens: list[int], comp_lens: list[int], ref_tokens: int | None
+               ) -> dict[str, float]:
+    """FLOPs of each phase of one step (see the module docstring for the formula)."""
+    seq_tokens = sum(p + c for p, c in zip(prompt_lens, comp_lens))
+    completions = sum(comp_lens)
+    forward = 2 * n_body * seq_tokens + 2 * n_head * (completions + len(comp_lens))
+    ref_body = ref_tokens if ref_tokens is not None else seq_tokens
+    return {
+        "generate": 2 * n_body * seq_tokens + 2 * n_head * completions,
+        "score ref (no grad)": 2 * n_body * ref_body + 2 * n_head * completions,
+        "other": 3 * forward,
+    }
 
 
 # -------------------------------------------------------------------------------------- ours
@@ -107,7 +167,7 @@ def worker_ours(spec: dict[str, Any]) -> dict[str, Any]:
     from spark_core.chat import formatter, question_messages
     from spark_core.engines.base import SamplingParams
     from spark_core.engines.hf import HFEngine
-    from spark_core.models import load_model_and_tokenizer
+    from spark_core.initial_model import load_initial_model
     from spark_core.trainer import Trainer
 
     cfg, model, tokenizer, batches = setup(spec)
@@ -119,7 +179,7 @@ def worker_ours(spec: dict[str, Any]) -> dict[str, Any]:
     })
     ref = None
     if spec["beta"] > 0:
-        ref, _ = load_model_and_tokenizer(cfg.model, device="cpu")  # the frozen initial model
+        ref, _ = load_initial_model(cfg, device="cpu")  # the frozen initial model
     engine = HFEngine(model, tokenizer, device="cpu", batch_size=B * K)  # one generate call, like TRL
     trainer = Trainer(model, tokenizer, train_cfg, "cpu", total_steps=len(batches), ref_model=ref)
     fmt = formatter(tokenizer, cfg.data.use_chat_template)
@@ -130,8 +190,16 @@ def worker_ours(spec: dict[str, Any]) -> dict[str, Any]:
     def score_phase(model: Any, *_: Any, **__: Any) -> str:
         return "score ref (no grad)" if model is trainer.ref_model else "score old (no grad)"
 
+    ref_tokens: list[int] = []  # tokens through the reference's layers, per step
+    if ref is not None:
+        ref.register_forward_hook(lambda m, a, kw, o: ref_tokens.append(kw["input_ids"].numel()), with_kwargs=True)
+    score = trainer._score
     trainer._score = timer.wrap(score_phase, trainer._score)  # type: ignore[method-assign]
     score_fn = timer.wrap("reward (verify)", rewards_for)
+    peak = matmul_flops_per_s()
+    n_body, n_head = param_counts(model)
+    flops: list[dict[str, float]] = []
+    ref_ab: list[dict[str, float]] = []
 
     step_s: list[float] = []
     tokens: list[int] = []
@@ -151,14 +219,30 @@ def worker_ours(spec: dict[str, Any]) -> dict[str, Any]:
             "completion_ids": [list(c.token_ids) for _, _, c in flat],
             "reward": rewards,
         })
+        ref_tokens.clear()
         trainer.train_phase(rows, "policy")
         elapsed = time.perf_counter() - start
         step_s.append(elapsed)
         tokens.append(sum(len(c.token_ids) for _, _, c in flat))
         timer.close_step(elapsed)
+        seqs = trainer._prepare(rows)
+        flops.append(step_flops(n_body, n_head, [s_.prompt_len for s_ in seqs], [s_.num_tokens for s_ in seqs],
+                                sum(ref_tokens) if ref is not None else None))
+        if ref is not None and s > 0:  # the reference pass both ways on these sequences, off the step clock
+            ab: dict[str, float] = {}
+            lps: dict[str, list[Any]] = {}
+            for once in ((True, False) if s % 2 else (False, True)):
+                key = "once" if once else "full"
+                trainer.score_prompts_once = once
+                t0 = time.perf_counter()
+                lps[key] = score(ref, seqs)
+                ab[key] = time.perf_counter() - t0
+            trainer.score_prompts_once = True
+            ab["max_abs_diff"] = max((a - b).abs().max().item() for a, b in zip(lps["once"], lps["full"]) if a.numel())
+            ref_ab.append(ab)
         print(f"[step] ours {spec['preset']} step {s}: {elapsed:.2f} s, {tokens[-1]} tokens", file=sys.stderr)
-    out = {"step_s": step_s, "tokens": tokens, "phases": timer.steps,
-           "prompt_tokens": _prompt_tokens(tokenizer, cfg, batches[0])}
+    out = {"step_s": step_s, "tokens": tokens, "phases": timer.steps, "flops": flops, "matmul_flops_per_s": peak,
+           "ref_ab": ref_ab, "params": [n_body, n_head], "prompt_tokens": _prompt_tokens(tokenizer, cfg, batches[0])}
     if profiler is not None:
         profiler.disable()
         buf = io.StringIO()
@@ -264,12 +348,36 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "phases": phases, "steps": len(steps)}
 
 
+def roofline_rows(preset: str, runs: list[dict[str, Any]]) -> list[list[Any]]:
+    """Per phase: median seconds and FLOPs per timed step, achieved FLOP/s and its share of matmul."""
+    peak = max(r["matmul_flops_per_s"] for r in runs)
+    out = []
+    for phase in ("generate", "score ref (no grad)", "other"):
+        secs = common.median([p.get(phase, 0.0) for r in runs for p in r["phases"][1:]])
+        flops = common.median([f[phase] for r in runs for f in r["flops"][1:]])
+        if not secs:
+            continue
+        label = {"other": "training (fwd+bwd+optimizer)", "generate": "sampling"}.get(phase, "reference (no grad)")
+        out.append([preset, label, secs, flops / 1e9, flops / secs / 1e9, peak / 1e9,
+                    f"{100 * flops / secs / peak:.0f}%"])
+    return out
+
+
+def reference_ab_rows(preset: str, runs: list[dict[str, Any]]) -> list[list[Any]]:
+    ab = [a for r in runs for a in r.get("ref_ab", [])]
+    if not ab:
+        return []
+    once, full = common.median([a["once"] for a in ab]), common.median([a["full"] for a in ab])
+    return [[preset, len(ab), once, full, common.ratio(once, full), f"{max(a['max_abs_diff'] for a in ab):.1e}"]]
+
+
 def main() -> int:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--beta", type=float, default=0.001, help="KL coefficient on both sides (default 0.001)")
     parser.add_argument("--rounds", type=int, default=None, help="ours/TRL process pairs per model")
     parser.add_argument("--profile", action="store_true", help="cProfile our timed steps and print the top")
     parser.add_argument("--models", default=None, help="comma list of presets (default: tiny,smollm2-arith)")
+    parser.add_argument("--no-trl", action="store_true", help="our side only (roofline and reference A/B)")
     args = parser.parse_args()
     common.apply_threads(args)
     if args.worker:
@@ -288,7 +396,7 @@ def main() -> int:
     }
     presets = args.models.split(",") if args.models else (["tiny"] if args.quick else list(sizes))
     results: dict[str, Any] = {}
-    rows, phase_rows, notes = [], [], []
+    rows, phase_rows, roof_rows, ab_rows, notes = [], [], [], [], []
     for preset in presets:
         size = dict(sizes[preset])
         rounds = args.rounds or size.pop("rounds")
@@ -296,10 +404,15 @@ def main() -> int:
         spec = {"preset": preset, "beta": args.beta, **size}
         runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []}
         for r in range(rounds):
-            for side in (("ours", "trl") if r % 2 == 0 else ("trl", "ours")):
+            for side in (("ours",) if args.no_trl else ("ours", "trl") if r % 2 == 0 else ("trl", "ours")):
                 print(f"[step] {preset}: {side} (round {r + 1}/{rounds})", file=sys.stderr)
                 runs[side].append(common.run_worker(
                     SCRIPT, {**spec, "side": side, "profile": args.profile and side == "ours"}, timeout_s=1200))
+        roof_rows += roofline_rows(preset, runs["ours"])
+        ab_rows += reference_ab_rows(preset, runs["ours"])
+        if args.no_trl:
+            results[preset] = {"spec": spec, "ours": summarise(runs["ours"]), "runs": runs}
+            continue
         ours, trl = summarise(runs["ours"]), summarise(runs["trl"])
         same_prompts = runs["ours"][0]["prompt_tokens"] == runs["trl"][0]["prompt_tokens"]
         results[preset] = {"spec": spec, "ours": ours, "trl": trl, "runs": runs, "same_prompt_tokens": same_prompts}
@@ -328,8 +441,21 @@ def main() -> int:
         "for a side that runs a separate pass for the old log-probs; with one optimizer step per generation "
         "batch both sides use the training forward's detached log-probs instead.",
     ] + notes
-    print(common.report("One GRPO policy step: ours vs TRL GRPOTrainer", info,
-                        [("", table), ("**where the time goes**", phases)], notes))
+    roof = common.markdown_table(
+        ["model", "phase", "median s/step", "GFLOP/step", "achieved GFLOP/s", "matmul GFLOP/s", "share of matmul"],
+        roof_rows)
+    ab = common.markdown_table(
+        ["model", "steps", "reference: each prompt once, s", "reference: full forward, s", "time once/full",
+         "max |log-prob diff|"], ab_rows)
+    notes.append("Roofline FLOPs: forward = 2 x N_body x tokens + 2 x N_head x head positions; backward = 2 x "
+                 "forward; the training phase ('other', forward + backward + optimizer) counts 3 x forward. "
+                 "Attention-score FLOPs are not counted. Matmul throughput: square float32 torch.matmul (n=1024), "
+                 "same process and threads, best of 5.")
+    sections = [("", table), ("**where the time goes**", phases)] if rows else []
+    sections += [("**roofline** (ours; achieved FLOP/s per phase vs dense matmul in the same process)", roof),
+                 ("**reference pass both ways** (same sequences, off the step clock)", ab)]
+    title = "One GRPO policy step: ours" + ("" if args.no_trl else " vs TRL GRPOTrainer")
+    print(common.report(title, info, sections, notes))
     common.write_json(args.json, {"benchmark": "step", "machine": info, "results": results})
     return 0
 

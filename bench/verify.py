@@ -24,8 +24,9 @@ from fractions import Fraction
 
 import math_verify
 
-from spark_core import verify as verify_mod
-from spark_core.verify import normalize_answer, shutdown_pool, verify_batch
+from spark_core import verify_pool as verify_mod
+from spark_core.verify import normalize_answer
+from spark_core.verify_pool import shutdown_pool, verify_batch
 
 FILLER = [
     "First we write down what is given.",

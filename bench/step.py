@@ -12,6 +12,8 @@ one optimizer step per generation batch. Settings matched on purpose:
 * Advantages: group-normalised on both (TRL ``scale_rewards="group"``).
 * Reward: both call ``spark_core.verify.verify_batch`` on the completion text.
 * Optimizer: AdamW betas (0.9, 0.95), no weight decay, grad clip 1.0, constant LR (no warm-up).
+* Gradient checkpointing: the same on both sides, off by default (``--gradient-checkpointing`` turns it
+  on for both). TRL's GRPOConfig turns it on unless told otherwise, so it is always set explicitly.
 
 Timed: every step after the first (warm-up). Tokens/s = generated tokens / step seconds. A phase
 breakdown (generate, reward, no-grad scoring, forward+backward+optimizer) comes from timers wrapped
@@ -28,8 +30,10 @@ backward = 2 x forward; so a training pass (forward + backward) = 3 x forward. P
   generated token through the layers; one head position per generated token;
 * reference (no grad): the tokens its forward actually processes (each shared prompt once plus the
   completions with the prompt KV cache; every prompt+completion token without it), head on completions;
-* training: prompt+completion tokens of every sequence, forward + backward, head on the completion
-  positions (``logits_to_keep``); the time is the phase "other" (it also holds the optimizer step).
+* training: the tokens its forward actually processes (each shared prompt once plus the completions
+  on its KV cache; every prompt+completion token with ``--train-full-forward``), forward + backward,
+  head on the completion positions (``logits_to_keep``); the time is the phase "other" (it also holds
+  the optimizer step).
 
 It also times the reference pass both ways on the same sequences (each shared prompt once, and a full
 forward per sequence) outside the step clock, and checks they agree.
@@ -144,12 +148,12 @@ def param_counts(model: Any) -> tuple[int, int]:
     return total - embed.numel() - (0 if tied else head.numel()), head.numel()
 
 
-def step_flops(n_body: int, n_head: int, prompt_lens: list[int], comp_lens: list[int], ref_tokens: int | None
-               ) -> dict[str, float]:
+def step_flops(n_body: int, n_head: int, prompt_lens: list[int], comp_lens: list[int], ref_tokens: int | None,
+               train_tokens: int) -> dict[str, float]:
     """FLOPs of each phase of one step (see the module docstring for the formula)."""
     seq_tokens = sum(p + c for p, c in zip(prompt_lens, comp_lens))
     completions = sum(comp_lens)
-    forward = 2 * n_body * seq_tokens + 2 * n_head * (completions + len(comp_lens))
+    forward = 2 * n_body * train_tokens + 2 * n_head * (completions + len(comp_lens))
     ref_body = ref_tokens if ref_tokens is not None else seq_tokens
     return {
         "generate": 2 * n_body * seq_tokens + 2 * n_head * completions,
@@ -163,6 +167,7 @@ def step_flops(n_body: int, n_head: int, prompt_lens: list[int], comp_lens: list
 
 def worker_ours(spec: dict[str, Any]) -> dict[str, Any]:
     import pandas as pd
+    import torch
 
     from spark_core.chat import formatter, question_messages
     from spark_core.engines.base import SamplingParams
@@ -176,6 +181,7 @@ def worker_ours(spec: dict[str, Any]) -> dict[str, Any]:
         "lr": spec["lr"], "kl_coef": spec["beta"], "warmup_ratio": 0.0, "min_lr_ratio": 1.0,
         "micro_batch_size": spec["micro"], "mini_batch_size": None, "epochs": 1, "clip_eps": 0.2,
         "betas": (0.9, 0.95), "weight_decay": 0.0, "grad_clip": 1.0,
+        "gradient_checkpointing": spec["gradient_checkpointing"],
     })
     ref = None
     if spec["beta"] > 0:
@@ -190,6 +196,11 @@ def worker_ours(spec: dict[str, Any]) -> dict[str, Any]:
     def score_phase(model: Any, *_: Any, **__: Any) -> str:
         return "score ref (no grad)" if model is trainer.ref_model else "score old (no grad)"
 
+    trainer.train_prompts_once = not spec.get("train_full_forward", False)
+    train_tokens: list[int] = []  # tokens through the policy's layers with gradients (the training forward)
+    model.register_forward_hook(
+        lambda m, a, kw, o: train_tokens.append(kw["input_ids"].numel()) if torch.is_grad_enabled() else None,
+        with_kwargs=True)
     ref_tokens: list[int] = []  # tokens through the reference's layers, per step
     if ref is not None:
         ref.register_forward_hook(lambda m, a, kw, o: ref_tokens.append(kw["input_ids"].numel()), with_kwargs=True)
@@ -220,6 +231,7 @@ def worker_ours(spec: dict[str, Any]) -> dict[str, Any]:
             "reward": rewards,
         })
         ref_tokens.clear()
+        train_tokens.clear()
         trainer.train_phase(rows, "policy")
         elapsed = time.perf_counter() - start
         step_s.append(elapsed)
@@ -227,7 +239,7 @@ def worker_ours(spec: dict[str, Any]) -> dict[str, Any]:
         timer.close_step(elapsed)
         seqs = trainer._prepare(rows)
         flops.append(step_flops(n_body, n_head, [s_.prompt_len for s_ in seqs], [s_.num_tokens for s_ in seqs],
-                                sum(ref_tokens) if ref is not None else None))
+                                sum(ref_tokens) if ref is not None else None, sum(train_tokens)))
         if ref is not None and s > 0:  # the reference pass both ways on these sequences, off the step clock
             ab: dict[str, float] = {}
             lps: dict[str, list[Any]] = {}
@@ -309,6 +321,7 @@ def worker_trl(spec: dict[str, Any]) -> dict[str, Any]:
             beta=spec["beta"], epsilon=0.2, loss_type="dapo", scale_rewards="group", num_iterations=1,
             max_steps=len(batches), shuffle_dataset=False, save_strategy="no", logging_steps=10_000,
             disable_tqdm=True, bf16=False, fp16=False, dataloader_num_workers=0, log_completions=False,
+            gradient_checkpointing=spec["gradient_checkpointing"],
         )
         trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[StepClock()])
@@ -378,6 +391,11 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="cProfile our timed steps and print the top")
     parser.add_argument("--models", default=None, help="comma list of presets (default: tiny,smollm2-arith)")
     parser.add_argument("--no-trl", action="store_true", help="our side only (roofline and reference A/B)")
+    parser.add_argument("--train-full-forward", action="store_true",
+                        help="our training forward over every prompt+completion token (the path before each "
+                             "shared prompt ran once); for a before/after figure")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="turn gradient checkpointing on for both sides (default: off on both)")
     args = parser.parse_args()
     common.apply_threads(args)
     if args.worker:
@@ -401,7 +419,8 @@ def main() -> int:
         size = dict(sizes[preset])
         rounds = args.rounds or size.pop("rounds")
         size.pop("rounds", None)
-        spec = {"preset": preset, "beta": args.beta, **size}
+        spec = {"preset": preset, "beta": args.beta, "gradient_checkpointing": args.gradient_checkpointing,
+                "train_full_forward": args.train_full_forward, **size}
         runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []}
         for r in range(rounds):
             for side in (("ours",) if args.no_trl else ("ours", "trl") if r % 2 == 0 else ("trl", "ours")):
@@ -433,7 +452,9 @@ def main() -> int:
     notes = [
         f"fp32 on CPU; KL coefficient {args.beta} on both sides "
         f"({'k3 vs frozen reference' if args.beta else 'no reference model'}); "
-        "TRL loss_type=dapo (token-level mean) = ours; one optimizer step per generation batch; same micro-batch.",
+        "TRL loss_type=dapo (token-level mean) = ours; one optimizer step per generation batch; same micro-batch; "
+        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} on both sides; our training "
+        f"forward {'over every token' if args.train_full_forward else 'runs each shared prompt once'}.",
         "Each side runs in its own process (peak RSS is its own); medians over all timed steps (first step of "
         "each process excluded); rounds alternate which side goes first.",
         "tokens/step differ because sampling differs (different RNG use): compare tok/s as well as s/step.",

@@ -1,4 +1,4 @@
-"""Completion log-probs without gradients, each shared prompt forwarded once.
+"""Completion log-probs with each shared prompt forwarded once.
 
 GRPO scores K completions of the same prompt. A plain forward over the K prompt+completion sequences
 processes the prompt K times; here a first pass runs each distinct prompt once with the KV cache on,
@@ -7,7 +7,12 @@ completion tokens on top of it. The first completion token's log-prob comes from
 position. Same model, same positions, same masks: the values equal a full forward up to float rounding
 (the attention kernels sum in another order; see tests/unit/test_trainer.py for the tolerance).
 
-Used by ``Trainer._score`` (reference and old log-probs) in a single process; under several ranks the
+Both passes are differentiable (the cache rows are gathered with ``index_select`` and extended with
+``cat``), so the same trick serves the training forward: gradients reach the prompt's activations once,
+summed over its completions, which is what K separate forwards would accumulate.
+
+Used by ``Trainer._score`` (reference log-probs, ``shared_prompt_logprobs``, no gradients) and by the
+training forward (``shared_prompt_logprobs_with_grad``) in a single process; under several ranks the
 trainer keeps its lockstep full forwards (a sharded model needs the same calls on every rank).
 """
 
@@ -71,6 +76,46 @@ def shared_prompt_logprobs(
 
     Sequences are grouped by prompt; a forward pair (prompts, then completions) takes whole groups up to
     ``max_sequences`` completions (a larger group goes alone)."""
+    groups = _prompt_groups(prompts, completions)
+    out: list[torch.Tensor | None] = [None] * len(prompts)
+    batch: list[tuple[tuple[int, ...], list[int]]] = []
+
+    def score(batch: list[tuple[tuple[int, ...], list[int]]]) -> None:
+        for i, lp in _group_logprobs(model, batch, completions, pad_id, device, temperature, autocast):
+            out[i] = lp.float().cpu()
+
+    for group in groups.items():
+        if batch and sum(len(m) for _, m in batch) + len(group[1]) > max_sequences:
+            score(batch)
+            batch = []
+        batch.append(group)
+    if batch:
+        score(batch)
+    scored = [t for t in out if t is not None]
+    assert len(scored) == len(out), "every sequence belongs to one group"
+    return scored
+
+
+def shared_prompt_logprobs_with_grad(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    device: torch.device,
+    temperature: float = 1.0,
+) -> list[torch.Tensor]:
+    """Log-probs (float32, on ``device``, part of the autograd graph) of each completion given its prompt,
+    one tensor per sequence: all sequences in one forward pair (a training micro-batch; callers keep the
+    completions of a prompt in the same micro-batch, or nothing is shared)."""
+    groups = _prompt_groups(prompts, completions)
+    got = dict(_group_logprobs(model, list(groups.items()), completions, pad_id, device, temperature, None))
+    return [got[i] for i in range(len(prompts))]
+
+
+def _prompt_groups(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]
+                   ) -> dict[tuple[int, ...], list[int]]:
+    """prompt ids -> the indices of its sequences, in first-seen order."""
     if len(prompts) != len(completions):
         raise ValueError("one prompt per completion")
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -78,24 +123,15 @@ def shared_prompt_logprobs(
         if not p:
             raise ValueError(f"sequence {i}: empty prompt")
         groups.setdefault(tuple(int(t) for t in p), []).append(i)
-    out: list[torch.Tensor | None] = [None] * len(prompts)
-    batch: list[tuple[tuple[int, ...], list[int]]] = []
-    for group in groups.items():
-        if batch and sum(len(m) for _, m in batch) + len(group[1]) > max_sequences:
-            _score_groups(model, batch, completions, out, pad_id, device, temperature, autocast)
-            batch = []
-        batch.append(group)
-    if batch:
-        _score_groups(model, batch, completions, out, pad_id, device, temperature, autocast)
-    scored = [t for t in out if t is not None]
-    assert len(scored) == len(out), "every sequence belongs to one group"
-    return scored
+    return groups
 
 
-def _score_groups(model: torch.nn.Module, batch: list[tuple[tuple[int, ...], list[int]]],
-                  completions: Sequence[Sequence[int]], out: list[torch.Tensor | None], pad_id: int,
-                  device: torch.device, temperature: float,
-                  autocast: Callable[[], AbstractContextManager[object]] | None) -> None:
+def _group_logprobs(model: torch.nn.Module, batch: list[tuple[tuple[int, ...], list[int]]],
+                    completions: Sequence[Sequence[int]], pad_id: int, device: torch.device, temperature: float,
+                    autocast: Callable[[], AbstractContextManager[object]] | None
+                    ) -> list[tuple[int, torch.Tensor]]:
+    """(sequence index, completion log-probs) for every member of the groups: one prompt pass, one
+    completion pass. Gradients flow when the caller has them on."""
     ctx = autocast or contextlib.nullcontext
     # Prompt pass: the distinct prompts, left-padded (as the trainer's own batches).
     g = len(batch)
@@ -136,6 +172,5 @@ def _score_groups(model: torch.nn.Module, batch: list[tuple[tuple[int, ...], lis
         # Logits at completion position j predict token j + 1.
         tail = picked_logprobs(second.logits[:, : span - 1], comp[:, 1:].to(device), temperature)
         del cache
-    for k, (_, i) in enumerate(members):
-        n = lengths[k]
-        out[i] = torch.cat([head[k, : min(n, 1)], tail[k, : max(0, n - 1)]]).float().cpu()
+    return [(i, torch.cat([head[k, : min(lengths[k], 1)], tail[k, : max(0, lengths[k] - 1)]]))
+            for k, (_, i) in enumerate(members)]

@@ -10,12 +10,10 @@ only text and token ids, so the trainer computes every log-prob itself:
   forward is spent; with several steps they are recomputed once, before the first update;
 * reference log-probs (frozen initial model, k3 KL) once per phase, whatever the number of epochs.
 
-Log-probs are computed for completion tokens only: sequences are LEFT-padded with explicit position
-ids, so every completion ends at the last position and the model's ``logits_to_keep`` skips the
-vocabulary projection (and the log-softmax) of all prompt positions, the bulk of the tokens when
-prompts carry few-shot examples. Micro-batches are formed from length-sorted sequences of the
-mini-batch to keep padding small; the loss is a token-sum over the whole mini-batch, so grouping does
-not change the update beyond float rounding.
+Log-probs are computed for completion tokens only, from left-padded micro-batches
+(``spark_core.batching``). In one process the training forward runs each shared prompt once for all of
+its completions (``spark_core.prefix_scoring``: a differentiable KV cache), and so does the reference;
+the values equal full forwards up to float rounding.
 
 Several ranks (``spark_core.distributed``; torchrun DDP or accelerate FSDP): every rank holds all rows,
 computes all advantages and the same mini-batch plan, and trains on ``distributed.shard`` of each
@@ -34,8 +32,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,9 +40,13 @@ import torch
 
 from . import distributed
 from .config import SparkConfig, TrainConfig
+from .batching import (
+    MicroBatch, TrainSequence, collate, completion_logprobs, in_chunks, length_sorted_micro_batches,
+    lockstep_micro_batches, prompt_group_micro_batches,
+)
 from .grpo import group_advantages, grpo_loss
-from .multimodal_batch import multimodal_images, multimodal_inputs
-from .prefix_scoring import picked_logprobs, shared_prompt_logprobs, shares_prompts
+from .multimodal_batch import multimodal_images
+from .prefix_scoring import shared_prompt_logprobs, shared_prompt_logprobs_with_grad, shares_prompts
 from .schemas import TRAIN
 from .trainer_state import (
     STATE_FILE, is_sharded, optimizer_state_to_indexed, optimizer_state_to_named, read_state, write_state,
@@ -56,6 +56,13 @@ log = logging.getLogger(__name__)
 
 Phase = Literal["policy", "reward"]
 REQUIRED_COLUMNS = ("prompt", "completion_ids", "reward", "question_id")
+# Forward FLOPs (2 x parameters x prompt tokens not recomputed) a mini-batch must save before the training
+# forward runs each shared prompt once: below it the second, small forward call per micro-batch costs
+# more than it saves. CPU, measured (`bench/step.py`, 2 cores): the tiny test model saves 0.04 GFLOP and
+# its train phase took 1.08x the time; SmolLM2-135M saves ~190 GFLOP and took 0.55x. CUDA: an estimate
+# (about 5 ms of a large GPU's matmul throughput, the order of a forward call's launch overhead), not
+# measured here.
+MIN_SAVED_FLOPS = {"cpu": 1e9, "cuda": 2e12}
 
 
 # ------------------------------------------------------------------------------------ schedule
@@ -88,127 +95,6 @@ def lr_factor(step: int, total_steps: int, warmup_ratio: float, min_lr_ratio: fl
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-# ---------------------------------------------------------------------------------- batching
-
-
-@dataclass
-class _Sequence:
-    """One rollout ready for training: prompt+completion ids and per-completion-token log-probs."""
-
-    ids: list[int]
-    prompt_len: int
-    advantage: float
-    reward: float
-    old_logp: torch.Tensor | None = None  # [num_tokens] float32 on CPU
-    ref_logp: torch.Tensor | None = None
-    vision: dict[str, torch.Tensor] | None = None  # pixel_values + image_grid_thw of the prompt's images
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.ids) - self.prompt_len
-
-
-def _filler(template: _Sequence) -> _Sequence:
-    """A one-token sequence with no completion: a forward/backward that adds nothing to the loss, run
-    by a rank whose share of a mini-batch is short so that all ranks make the same collective calls."""
-    return _Sequence(template.ids[:1], 1, 0.0, 0.0)
-
-
-@dataclass
-class _Batch:
-    """A left-padded micro-batch; per-token tensors cover its last K positions (the completions)."""
-
-    input_ids: torch.Tensor  # [n, T]
-    attention_mask: torch.Tensor  # [n, T]
-    position_ids: torch.Tensor  # [n, T]
-    completion_mask: torch.Tensor  # [n, K] bool, K = longest completion
-    advantages: torch.Tensor  # [n]
-    old_logp: torch.Tensor | None  # [n, K]
-    ref_logp: torch.Tensor | None  # [n, K]
-    vision: dict[str, torch.Tensor] | None = None  # the rows' images, concatenated (spark_core.vision)
-
-
-def _collate(seqs: list[_Sequence], device: torch.device, pad_id: int) -> _Batch:
-    """Left-pad so every completion ends at the last position; position ids restart at each
-    sequence's first real token (what the model saw when it generated, whatever the padding)."""
-    n = len(seqs)
-    width = max(len(s.ids) for s in seqs)
-    keep = max(s.num_tokens for s in seqs)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    attn = torch.zeros((n, width), dtype=torch.long)
-    comp = torch.zeros((n, keep), dtype=torch.bool)
-    old = torch.zeros((n, keep)) if any(s.old_logp is not None for s in seqs) else None
-    ref = torch.zeros((n, keep)) if any(s.ref_logp is not None for s in seqs) else None
-    for i, s in enumerate(seqs):
-        length, count = len(s.ids), s.num_tokens
-        ids[i, width - length :] = torch.tensor(s.ids, dtype=torch.long)
-        attn[i, width - length :] = 1
-        if count:
-            comp[i, keep - count :] = True
-            if old is not None:
-                old[i, keep - count :] = s.old_logp
-            if ref is not None:
-                ref[i, keep - count :] = s.ref_logp
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    adv = torch.tensor([s.advantage for s in seqs], dtype=torch.float32)
-    return _Batch(
-        ids.to(device),
-        attn.to(device),
-        pos.to(device),
-        comp.to(device),
-        adv.to(device),
-        None if old is None else old.to(device),
-        None if ref is None else ref.to(device),
-        multimodal_inputs(seqs, device),
-    )
-
-
-def completion_logprobs(model: torch.nn.Module, batch: _Batch, temperature: float = 1.0) -> torch.Tensor:
-    """Log-probs of the completion tokens of a left-padded batch: ``[n, K]``, zero outside the mask.
-
-    ``logits_to_keep`` asks the model for the last ``K + 1`` positions only (a model that ignores it
-    returns every position; the slice below then drops the rest). Logits are divided by the sampling
-    ``temperature`` and turned into log-probs in float32, a few rows at a time.
-    """
-    width = batch.completion_mask.shape[1]
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        # with images the model derives its multimodal (3-D) positions from the ids and image grids
-        position_ids=None if batch.vision else batch.position_ids,
-        use_cache=False,
-        logits_to_keep=width + 1,
-        **(batch.vision or {}),
-    )
-    logits = out.logits[:, -(width + 1) : -1]  # the logits at t-1 predict the token at t
-    targets = batch.input_ids[:, batch.input_ids.shape[1] - width :]
-    lp = picked_logprobs(logits, targets, temperature)
-    # where, not a product: whatever a masked position holds (a padding row's values included) can
-    # then reach neither the loss nor its gradient
-    return torch.where(batch.completion_mask, lp, torch.zeros_like(lp))
-
-
-def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def lockstep_micro_batches(total: int, world_size: int, micro_batch_size: int) -> int:
-    """Micro-batches EVERY rank runs for a mini-batch of ``total`` sequences: enough for the largest
-    shard (strided shards differ in size by at most one), and at least one."""
-    largest_shard = math.ceil(total / world_size)
-    return max(1, math.ceil(largest_shard / micro_batch_size))
-
-
-def _micro_batches(seqs: list[_Sequence], size: int, count: int, template: _Sequence) -> list[list[_Sequence]]:
-    """``seqs`` sorted by length (less padding) in chunks of ``size``, then filler chunks up to ``count``."""
-    ordered = sorted(seqs, key=lambda s: len(s.ids))
-    out = list(_chunks(ordered, size))
-    if len(out) > count:
-        raise AssertionError(f"{len(seqs)} sequences need {len(out)} micro-batches, more than the {count} planned")
-    return out + [[_filler(template)] for _ in range(count - len(out))]
-
-
 # ----------------------------------------------------------------------------------- trainer
 
 
@@ -229,6 +115,9 @@ class Trainer:
 
     # The reference pass forwards each shared prompt once (`prefix_scoring`); False: a full forward each.
     score_prompts_once = True
+    # The training forward does too, with gradients (one process, text only, no activation
+    # checkpointing: transformers turns the KV cache off under checkpointing); False: full forwards.
+    train_prompts_once = True
 
     def __init__(
         self,
@@ -281,6 +170,7 @@ class Trainer:
             raise ValueError("the model has no trainable parameters")
         self._param_names = [name for name, _ in named]  # optimizer state order (see save_state)
         self.params = [p for _, p in named]
+        self._num_params = sum(p.numel() for p in plain.parameters())  # frozen ones too: the forward's cost
         self.optimizer = torch.optim.AdamW(
             self.params, lr=train_cfg.lr, betas=tuple(train_cfg.betas), weight_decay=train_cfg.weight_decay
         )
@@ -311,7 +201,7 @@ class Trainer:
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _prepare(self, rows: pd.DataFrame) -> list[_Sequence]:
+    def _prepare(self, rows: pd.DataFrame) -> list[TrainSequence]:
         missing = [c for c in REQUIRED_COLUMNS if c not in rows.columns]
         if missing:
             raise ValueError(f"train_phase rows lack column(s) {missing}; got {list(rows.columns)}")
@@ -337,11 +227,11 @@ class Trainer:
                     f"row {i}: completion_ids hold ids outside the model's vocabulary of {vocab}; "
                     "were the rollouts sampled with another tokenizer?"
                 )
-            seqs.append(_Sequence(p + completion_ids, len(p), float(adv[i]), float(reward), vision=vision))
+            seqs.append(TrainSequence(p + completion_ids, len(p), float(adv[i]), float(reward), vision=vision))
         return seqs
 
     @torch.no_grad()
-    def _score(self, model: torch.nn.Module, seqs: list[_Sequence], chunks: int | None = None) -> list[torch.Tensor]:
+    def _score(self, model: torch.nn.Module, seqs: list[TrainSequence], chunks: int | None = None) -> list[torch.Tensor]:
         """Completion log-probs (float32, on CPU) of each sequence under ``model``, without gradients.
 
         ``chunks`` is the number of forward calls to make (filler micro-batches pad a short shard, so
@@ -362,10 +252,10 @@ class Trainer:
                     model, [s.ids[: s.prompt_len] for s in seqs], [s.ids[s.prompt_len :] for s in seqs],
                     pad_id=self.pad_id, device=self.device, temperature=self.temperature, max_sequences=size,
                     autocast=self._autocast)
-            template = seqs[0] if seqs else _Sequence([self.pad_id], 1, 0.0, 0.0)
+            template = seqs[0] if seqs else TrainSequence([self.pad_id], 1, 0.0, 0.0)
             position = {id(s): i for i, s in enumerate(seqs)}
-            for micro in _micro_batches(seqs, size, count, template):
-                b = _collate(micro, self.device, self.pad_id)
+            for micro in length_sorted_micro_batches(seqs, size, count, template):
+                b = collate(micro, self.device, self.pad_id)
                 with self._autocast():
                     lp = completion_logprobs(model, b, self.temperature)
                 width = lp.shape[1]
@@ -376,7 +266,7 @@ class Trainer:
             model.train(was_training)
         return [out[i] for i in range(len(seqs))]
 
-    def _attach(self, seqs: list[_Sequence], model: torch.nn.Module, field: str, everywhere: bool) -> None:
+    def _attach(self, seqs: list[TrainSequence], model: torch.nn.Module, field: str, everywhere: bool) -> None:
         """Score ``seqs`` with ``model`` and store the log-probs in ``field`` of each sequence.
 
         Each rank scores its own shard; with ``everywhere`` the shards are exchanged so that every rank
@@ -402,7 +292,7 @@ class Trainer:
     def _plan(self, n: int, phase_start: int) -> list[list[int]]:
         """The phase's optimizer steps: each a list of sequence indices (a mini-batch), all epochs."""
         mini = self.cfg.mini_batch_size or n
-        return [mb for epoch in range(self.cfg.epochs) for mb in _chunks(self._order(n, epoch, phase_start), mini)]
+        return [mb for epoch in range(self.cfg.epochs) for mb in in_chunks(self._order(n, epoch, phase_start), mini)]
 
     def _reuses_current_logp(self, plan: list[list[int]]) -> bool:
         """One optimizer step over all rows: the weights at that step ARE the sampling weights, so the
@@ -448,19 +338,22 @@ class Trainer:
             return contextlib.nullcontext()
         return self.model.no_sync()
 
-    def _optimizer_step(self, batch: list[_Sequence], phase: Phase) -> dict[str, Any]:
+    def _optimizer_step(self, batch: list[TrainSequence], phase: Phase) -> dict[str, Any]:
         """Accumulate gradients over micro-batches (token-mean over the whole mini-batch), then step."""
         world = self.dist.world_size
         num_tokens = sum(s.num_tokens for s in batch)  # every rank holds the whole mini-batch: the global count
         count = lockstep_micro_batches(len(batch), world, self.cfg.micro_batch_size)
-        micros = _micro_batches(distributed.shard(batch, self.dist), self.cfg.micro_batch_size, count, batch[0])
+        shared = self._trains_prompts_once(batch)
+        micros = (prompt_group_micro_batches(batch, self.cfg.micro_batch_size) if shared else
+                  length_sorted_micro_batches(distributed.shard(batch, self.dist), self.cfg.micro_batch_size, count, batch[0]))
         totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
         self.optimizer.zero_grad(set_to_none=True)
         for j, micro in enumerate(micros):
-            b = _collate(micro, self.device, self.pad_id)
+            b = collate(micro, self.device, self.pad_id)
             with self._no_sync(last=j == len(micros) - 1):
                 with self._autocast():
-                    logp = completion_logprobs(self.model, b, self.temperature)
+                    logp = self._shared_prompt_logp(micro, b) if shared else completion_logprobs(
+                        self.model, b, self.temperature)
                 loss, stats = grpo_loss(
                     logp,
                     b.old_logp if b.old_logp is not None else logp.detach(),
@@ -508,6 +401,29 @@ class Trainer:
         return {name: row[name] for name in TRAIN.names}
 
     # ------------------------------------------------------------------------------ state
+
+    def _trains_prompts_once(self, batch: list[TrainSequence]) -> bool:
+        """Whether this mini-batch's training forward runs each shared prompt once (see
+        ``train_prompts_once``): only where a micro-batch holds two completions and the prompt compute
+        saved outweighs a second forward call per micro-batch (``MIN_SAVED_FLOPS``)."""
+        if not (self.train_prompts_once and not self.dist.enabled and self._accelerator is None
+                and not self.cfg.gradient_checkpointing and self.cfg.micro_batch_size > 1
+                and not any(s.vision for s in batch)):
+            return False
+        prompts = [tuple(s.ids[: s.prompt_len]) for s in batch]
+        saved_tokens = len(prompts) and sum(len(p) for p in prompts) - sum(len(p) for p in set(prompts))
+        min_flops = MIN_SAVED_FLOPS["cpu" if self.device.type == "cpu" else "cuda"]  # other accelerators: as CUDA
+        return 2 * self._num_params * saved_tokens >= min_flops
+
+    def _shared_prompt_logp(self, micro: list[TrainSequence], b: MicroBatch) -> torch.Tensor:
+        """``completion_logprobs`` of the micro-batch ``b`` (same [n, K] layout: completions end at the last
+        column), computed with each shared prompt forwarded once."""
+        parts = shared_prompt_logprobs_with_grad(
+            self.model, [s.ids[: s.prompt_len] for s in micro], [s.ids[s.prompt_len :] for s in micro],
+            pad_id=self.pad_id, device=self.device, temperature=self.temperature)
+        width = b.completion_mask.shape[1]
+        lp = torch.stack([torch.nn.functional.pad(part, (width - part.shape[0], 0)) for part in parts])
+        return torch.where(b.completion_mask, lp, torch.zeros_like(lp))
 
     def _inner_optimizer(self) -> torch.optim.Optimizer:
         return getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps the optimizer

@@ -117,6 +117,12 @@ def test_two_gloo_ranks_run_the_train_stage_like_one_process(
     S.build_reward_data(cfg, store, RUN, 1, ws)
     shutil.copytree(one, two)
 
+    # Ranks run full forwards (lockstep); so does the one-process reference here. Running each prompt once
+    # gives the same gradients up to float rounding (test_trainer), which Adam's first steps can amplify
+    # past this test's tolerance on a few near-zero-gradient weights.
+    from spark_core.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "train_prompts_once", False)
     single = S.train_policy(cfg, store, RUN, 1, S.Workspace())
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     start = time.time()

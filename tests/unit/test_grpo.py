@@ -9,7 +9,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from spark_core.grpo import group_advantages, grpo_loss, k3_kl
-from spark_core.trainer import _collate, _Sequence, completion_logprobs
+from spark_core.batching import collate, TrainSequence, completion_logprobs
 
 
 def sequence_logprobs(model, input_ids, attention_mask, completion_mask, temperature=1.0) -> torch.Tensor:
@@ -18,8 +18,8 @@ def sequence_logprobs(model, input_ids, attention_mask, completion_mask, tempera
     seqs = []
     for ids, attn, comp in zip(input_ids, attention_mask, completion_mask):
         real = ids[attn.bool()].tolist()
-        seqs.append(_Sequence(real, len(real) - int(comp.sum()), 0.0, 0.0))
-    lp = completion_logprobs(model, _collate(seqs, input_ids.device, pad_id=0), temperature)
+        seqs.append(TrainSequence(real, len(real) - int(comp.sum()), 0.0, 0.0))
+    lp = completion_logprobs(model, collate(seqs, input_ids.device, pad_id=0), temperature)
     width, keep = input_ids.shape[1], lp.shape[1]
     rows = []
     for b, seq in enumerate(seqs):

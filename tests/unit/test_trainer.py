@@ -299,15 +299,15 @@ def test_several_steps_recompute_old_logp_once_and_reference_once():
 def test_completion_logprobs_ignore_padding_and_batch_company():
     """Left padding with explicit position ids: a sequence scores the same alone or padded in a batch,
     and the values are the model's log-softmax at the completion positions."""
-    from spark_core.trainer import _collate, _Sequence, completion_logprobs
+    from spark_core.batching import collate, TrainSequence, completion_logprobs
 
     model = tiny_model().eval()
-    seqs = [_Sequence([3, 4, 5, 6, 7, 8, 9], 4, 0.0, 0.0), _Sequence([10, 11, 12], 2, 0.0, 0.0),
-            _Sequence([13, 14, 15, 16, 17], 1, 0.0, 0.0)]
+    seqs = [TrainSequence([3, 4, 5, 6, 7, 8, 9], 4, 0.0, 0.0), TrainSequence([10, 11, 12], 2, 0.0, 0.0),
+            TrainSequence([13, 14, 15, 16, 17], 1, 0.0, 0.0)]
     with torch.no_grad():
-        together = completion_logprobs(model, _collate(seqs, torch.device("cpu"), 0), temperature=0.7)
+        together = completion_logprobs(model, collate(seqs, torch.device("cpu"), 0), temperature=0.7)
         for i, s in enumerate(seqs):
-            alone = completion_logprobs(model, _collate([s], torch.device("cpu"), 0), temperature=0.7)[0]
+            alone = completion_logprobs(model, collate([s], torch.device("cpu"), 0), temperature=0.7)[0]
             torch.testing.assert_close(together[i, together.shape[1] - s.num_tokens :], alone, rtol=1e-5, atol=1e-6)
             assert torch.all(together[i, : together.shape[1] - s.num_tokens] == 0)
             logits = model(input_ids=torch.tensor([s.ids])).logits[0] / 0.7
@@ -319,31 +319,31 @@ def test_completion_logprobs_ignore_padding_and_batch_company():
 def test_every_rank_runs_the_same_number_of_micro_batches():
     """DDP/FSDP collectives need equal forward/backward counts: short shards get empty fillers."""
     from spark_core import distributed
-    from spark_core.trainer import _micro_batches, _Sequence, lockstep_micro_batches
+    from spark_core.batching import length_sorted_micro_batches, TrainSequence, lockstep_micro_batches
 
-    batch = [_Sequence(list(range(1, 3 + i)), 1, 1.0, 1.0) for i in range(7)]
+    batch = [TrainSequence(list(range(1, 3 + i)), 1, 1.0, 1.0) for i in range(7)]
     assert lockstep_micro_batches(7, 2, 3) == 2 and lockstep_micro_batches(7, 1, 3) == 3
     assert lockstep_micro_batches(1, 4, 8) == 1  # ranks without a share still run one (filler) pass
     counts = []
     for rank in (0, 1):
         shard = distributed.shard(batch, distributed.DistContext(rank=rank, world_size=2))
-        micros = _micro_batches(shard, 3, lockstep_micro_batches(7, 2, 3), batch[0])
+        micros = length_sorted_micro_batches(shard, 3, lockstep_micro_batches(7, 2, 3), batch[0])
         counts.append(len(micros))
         real = [s for m in micros for s in m if s.num_tokens]
         assert sorted(id(s) for s in real) == sorted(id(s) for s in shard)  # each shard member exactly once
         assert all(len(m) <= 3 for m in micros)
     assert counts == [2, 2]
     shard = distributed.shard(batch[:1], distributed.DistContext(rank=1, world_size=2))
-    (filler,), = _micro_batches(shard, 3, 1, batch[0])
+    (filler,), = length_sorted_micro_batches(shard, 3, 1, batch[0])
     assert shard == [] and filler.num_tokens == 0
 
 
 def test_a_filler_micro_batch_adds_nothing_to_the_loss_or_gradient():
     from spark_core.grpo import grpo_loss
-    from spark_core.trainer import _collate, _filler, _Sequence, completion_logprobs
+    from spark_core.batching import collate, filler, TrainSequence, completion_logprobs
 
     model = tiny_model()
-    b = _collate([_filler(_Sequence([5, 6, 7], 1, 1.0, 1.0))], torch.device("cpu"), 0)
+    b = collate([filler(TrainSequence([5, 6, 7], 1, 1.0, 1.0))], torch.device("cpu"), 0)
     logp = completion_logprobs(model, b)
     loss, stats = grpo_loss(logp, logp.detach(), b.advantages, b.completion_mask, num_tokens=10)
     loss.backward()
@@ -439,3 +439,59 @@ def test_state_file_is_written_without_crc_and_reads_back_exactly(tmp_path):
     got = read_state(tmp_path / "trainer_state.pt")
     assert torch.equal(got["optimizer"]["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
     assert got["global_step"] == 3 and torch.equal(got["torch_rng"], state["torch_rng"])
+
+
+def test_training_forward_with_each_prompt_once_makes_the_same_update(monkeypatch):
+    """The training forward with one prompt pass + a differentiable KV cache gives the loss, KL, gradient
+    norm and updated weights of full forwards (float32 rounding), over two optimizer steps of mini-batches
+    (old log-probs scored separately) with groups split across micro-batches; the policy model then
+    forwards far fewer tokens. The tiny model saves too little compute for the default threshold."""
+    import spark_core.trainer as trainer_module
+
+    rows = pd.concat([rollouts(21, questions=3, k=4), rollouts(22, questions=2, k=1)], ignore_index=True)
+    probe = Trainer(tiny_model(), CharTokenizer(), cfg(micro_batch_size=3), "cpu", total_steps=1)
+    assert not probe._trains_prompts_once(probe._prepare(rows))  # 2 x ~0.1M params x 60 tokens < 1 GFLOP
+    monkeypatch.setattr(trainer_module, "MIN_SAVED_FLOPS", {"cpu": 0.0, "cuda": 0.0})
+    assert probe._trains_prompts_once(probe._prepare(rows))
+    probe.cfg = cfg(micro_batch_size=1)
+    assert not probe._trains_prompts_once(probe._prepare(rows))  # a micro-batch of one shares nothing
+    results = {}
+    for once in (True, False):
+        model = tiny_model()
+        trainer = Trainer(model, CharTokenizer(), cfg(kl_coef=0.1, micro_batch_size=3, mini_batch_size=7), "cpu",
+                          total_steps=4, ref_model=tiny_model(seed=3), temperature=0.7)
+        trainer.train_prompts_once = once
+        forwards: list[int] = []  # tokens through the training forwards (the old log-probs' pass left out)
+        hook = model.register_forward_hook(
+            lambda m, a, kw, o: forwards.append(kw["input_ids"].numel() if torch.is_grad_enabled() else 0),
+            with_kwargs=True)
+        out = trainer.train_phase(rows, "policy")
+        hook.remove()
+        results[once] = (out, weights(model), sum(forwards))
+    (out_once, w_once, tokens_once), (out_full, w_full, tokens_full) = results[True], results[False]
+    assert len(out_once) == len(out_full) == 2
+    for a, b in zip(out_once, out_full):
+        assert a["num_tokens"] == b["num_tokens"] and a["num_sequences"] == b["num_sequences"]
+        for key in ("loss", "pg_loss", "kl", "grad_norm", "clip_frac"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+    for k in w_once:
+        torch.testing.assert_close(w_once[k], w_full[k], rtol=1e-4, atol=1e-6)
+    assert w_once != {} and any(not torch.equal(w_once[k], weights(tiny_model())[k]) for k in w_once)
+    assert tokens_once < 0.8 * tokens_full, (tokens_once, tokens_full)
+
+
+def test_prompt_group_micro_batches_keep_groups_together():
+    from spark_core.batching import TrainSequence, prompt_group_micro_batches
+
+    def seq(prompt: list[int], n: int) -> TrainSequence:
+        return TrainSequence(prompt + [9] * n, len(prompt), 0.0, 0.0)
+
+    seqs = [seq([1, 2, 3], 2), seq([4], 1), seq([1, 2, 3], 1), seq([4], 3), seq([5, 6], 1)] + \
+        [seq([7, 7, 7, 7], i) for i in range(1, 6)]
+    micros = prompt_group_micro_batches(seqs, 3)
+    assert sorted(id(s) for m in micros for s in m) == sorted(id(s) for s in seqs)  # each exactly once
+    assert all(1 <= len(m) <= 3 for m in micros)
+    prompts = [[tuple(s.ids[: s.prompt_len]) for s in m] for m in micros]
+    # shorter prompts first, whole groups packed up to the size; a group larger than the size is split
+    assert prompts[:2] == [[(4,), (4,), (5, 6)], [(1, 2, 3), (1, 2, 3)]]
+    assert [len(m) for m in micros[2:]] == [3, 2] and {p for m in prompts[2:] for p in m} == {(7, 7, 7, 7)}

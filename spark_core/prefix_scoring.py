@@ -37,6 +37,22 @@ def _cache_name() -> str:
     return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
+# Forward FLOPs (2 x parameters x prompt tokens not recomputed) a batch must save before its prompts are
+# run once (training forward, sampling prefill): below it the extra, small forward call costs more than it
+# saves. CPU, measured (`bench/step.py`, 2 cores): the tiny test model saves 0.04 GFLOP per mini-batch
+# and its train phase took 1.08x the time; SmolLM2-135M saves ~190 GFLOP and took 0.55x. CUDA (and any
+# other accelerator): an estimate, about 5 ms of a large GPU's matmul throughput, the order of a forward
+# call's launch overhead; not measured here.
+MIN_SAVED_FLOPS = {"cpu": 1e9, "cuda": 2e12}
+
+
+def worth_sharing(num_params: int, saved_tokens: int, device: torch.device) -> bool:
+    """Whether not recomputing ``saved_tokens`` prompt tokens of a ``num_params`` model pays for a
+    second forward call on ``device`` (see ``MIN_SAVED_FLOPS``)."""
+    return saved_tokens > 0 and 2 * num_params * saved_tokens >= MIN_SAVED_FLOPS[
+        "cpu" if device.type == "cpu" else "cuda"]
+
+
 def shares_prompts(prompts: Sequence[tuple[int, ...]]) -> bool:
     """Whether some prompt occurs more than once (only then is a prompt pass saved)."""
     return len(set(prompts)) < len(prompts)

@@ -46,7 +46,7 @@ from .batching import (
 )
 from .grpo import group_advantages, grpo_loss
 from .multimodal_batch import multimodal_images
-from .prefix_scoring import shared_prompt_logprobs, shared_prompt_logprobs_with_grad, shares_prompts
+from .prefix_scoring import shared_prompt_logprobs, shared_prompt_logprobs_with_grad, shares_prompts, worth_sharing
 from .schemas import TRAIN
 from .trainer_state import (
     STATE_FILE, is_sharded, optimizer_state_to_indexed, optimizer_state_to_named, read_state, write_state,
@@ -56,13 +56,6 @@ log = logging.getLogger(__name__)
 
 Phase = Literal["policy", "reward"]
 REQUIRED_COLUMNS = ("prompt", "completion_ids", "reward", "question_id")
-# Forward FLOPs (2 x parameters x prompt tokens not recomputed) a mini-batch must save before the training
-# forward runs each shared prompt once: below it the second, small forward call per micro-batch costs
-# more than it saves. CPU, measured (`bench/step.py`, 2 cores): the tiny test model saves 0.04 GFLOP and
-# its train phase took 1.08x the time; SmolLM2-135M saves ~190 GFLOP and took 0.55x. CUDA: an estimate
-# (about 5 ms of a large GPU's matmul throughput, the order of a forward call's launch overhead), not
-# measured here.
-MIN_SAVED_FLOPS = {"cpu": 1e9, "cuda": 2e12}
 
 
 # ------------------------------------------------------------------------------------ schedule
@@ -405,15 +398,14 @@ class Trainer:
     def _trains_prompts_once(self, batch: list[TrainSequence]) -> bool:
         """Whether this mini-batch's training forward runs each shared prompt once (see
         ``train_prompts_once``): only where a micro-batch holds two completions and the prompt compute
-        saved outweighs a second forward call per micro-batch (``MIN_SAVED_FLOPS``)."""
+        saved outweighs a second forward call per micro-batch (``prefix_scoring.worth_sharing``)."""
         if not (self.train_prompts_once and not self.dist.enabled and self._accelerator is None
                 and not self.cfg.gradient_checkpointing and self.cfg.micro_batch_size > 1
                 and not any(s.vision for s in batch)):
             return False
         prompts = [tuple(s.ids[: s.prompt_len]) for s in batch]
-        saved_tokens = len(prompts) and sum(len(p) for p in prompts) - sum(len(p) for p in set(prompts))
-        min_flops = MIN_SAVED_FLOPS["cpu" if self.device.type == "cpu" else "cuda"]  # other accelerators: as CUDA
-        return 2 * self._num_params * saved_tokens >= min_flops
+        saved_tokens = sum(len(p) for p in prompts) - sum(len(p) for p in set(prompts))
+        return worth_sharing(self._num_params, saved_tokens, self.device)
 
     def _shared_prompt_logp(self, micro: list[TrainSequence], b: MicroBatch) -> torch.Tensor:
         """``completion_logprobs`` of the micro-batch ``b`` (same [n, K] layout: completions end at the last

@@ -10,6 +10,13 @@ Sampling uses transformers' own processors with every knob set explicitly (no to
 penalty) so the model's `generation_config` cannot change what is sampled. Each batch is seeded from
 `SamplingParams.seed` and its index inside a forked RNG.
 
+The n samples of a prompt share its prefill: for a text batch whose rows repeat a prompt (and where
+that saves enough compute, `prefix_scoring.worth_sharing`), the distinct prompts but their last token
+are run once with the KV cache on, the cache rows are repeated for every sample, and `generate`
+continues from that cache. The logits equal a full prefill up to float rounding, so a sampled token
+can differ from plain `generate` where two candidates are within rounding of each other
+(`prefill_prompts_once = False` restores plain `generate`).
+
 Vision-language models (the tokenizer carries an ``image_processor``, `spark_core.models.load_tokenizer`):
 ``generate(..., images=...)`` takes each prompt's image bytes; the prompt's image placeholders are
 expanded and the pixel values and image grids go to ``model.generate`` (`spark_core.vision.VisionInputs`).
@@ -24,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..prefix_scoring import _cache_name, worth_sharing
 from .base import Completion, SamplingParams
 
 
@@ -32,6 +40,9 @@ class HFEngine:
 
     `device` is where inputs are sent (default: the model's device); the model itself is not moved.
     """
+
+    # Repeated prompts of a batch are prefilled once (see the module docstring); False: plain `generate`.
+    prefill_prompts_once = True
 
     def __init__(
         self,
@@ -50,6 +61,7 @@ class HFEngine:
         if pad is None:
             raise ValueError("the tokenizer has neither a pad nor an EOS token; HFEngine needs one to batch")
         self.pad_token_id: int = pad
+        self._num_params = sum(p.numel() for p in model.parameters())
         eos = model.generation_config.eos_token_id
         if eos is None:
             eos = tokenizer.eos_token_id
@@ -151,6 +163,8 @@ class HFEngine:
         enc, vision = self._encode(texts)
         extra: dict[str, Any] = {"tokenizer": self.tokenizer} if params.stop else {}
         extra.update(vision)
+        if not vision and (cache := self._shared_prefill(enc["input_ids"], enc["attention_mask"])) is not None:
+            extra[_cache_name()] = cache
         devices = [self.device] if self.device.type == "cuda" else []
         # Seed a forked RNG: the batch is reproducible and the caller's random state is left alone.
         with torch.random.fork_rng(devices=devices):
@@ -163,6 +177,27 @@ class HFEngine:
             )
         new_tokens = sequences[:, enc["input_ids"].shape[1] :].tolist()
         return [self._completion(row, params) for row in new_tokens]
+
+    def _shared_prefill(self, ids: torch.Tensor, attention: torch.Tensor) -> Any | None:
+        """A KV cache of every row's prompt but its last token, computed once per distinct prompt, or None
+        where that is not worth it. `generate` runs the last prompt token itself (it needs one uncached
+        token to start from)."""
+        if not self.prefill_prompts_once or ids.shape[1] < 2:
+            return None
+        # Same prompt = same left-padded row (ids and mask, so a prompt token equal to the pad id is no match).
+        unique, rows = torch.unique(torch.cat([ids, attention], 1), dim=0, return_inverse=True)
+        saved = (ids.shape[0] - unique.shape[0]) * (ids.shape[1] - 1)
+        if not worth_sharing(self._num_params, saved, self.device):
+            return None
+        width = ids.shape[1]
+        prefix, mask = unique[:, : width - 1], unique[:, width : 2 * width - 1]
+        # The positions generate gives these tokens: 0, 1, ... from each row's first real token.
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        out = self.model(input_ids=prefix, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1)
+        cache = getattr(out, _cache_name())
+        cache.reorder_cache(rows)
+        return cache
 
     def _completion(self, row: list[int], params: SamplingParams) -> Completion:
         """Cut one generated row at its first stop token (kept) and drop the padding after it."""

@@ -131,3 +131,34 @@ def test_stop_strings_cut_after_the_completing_token(engine: HFEngine) -> None:
     [[cut]] = engine.generate([prompt], params)
     assert cut.token_ids == free.token_ids[:expected_len]
     assert cut.finish_reason == "stop" and stop in cut.text
+
+
+def test_prompts_prefilled_once_sample_what_full_prefills_sample(engine: HFEngine, monkeypatch) -> None:
+    """A batch repeating prompts (n samples each, prompts of different lengths left-padded together) is
+    prefilled once per distinct prompt, and greedy and sampled outputs equal those of plain `generate`;
+    the tiny model saves too little compute for the default threshold and keeps plain `generate`."""
+    import spark_core.prefix_scoring as prefix_scoring
+
+    prompts = _prompts(engine)
+    forwards: list[tuple[int, int]] = []  # (rows, tokens) of every model forward
+    engine.model.register_forward_hook(lambda m, a, kw, o: forwards.append(tuple(kw["input_ids"].shape)),
+                                       with_kwargs=True)
+    engine.batch_size = 9  # all 3 x 3 rows in one batch
+    ids = engine.tokenizer(prompts, add_special_tokens=False, padding=True, padding_side="left",
+                           return_tensors="pt")
+    assert engine._shared_prefill(ids.input_ids.repeat_interleave(3, 0), ids.attention_mask.repeat_interleave(3, 0)) is None
+    monkeypatch.setattr(prefix_scoring, "MIN_SAVED_FLOPS", {"cpu": 0.0, "cuda": 0.0})
+    for params in (SamplingParams(n=3, temperature=0.0, max_new_tokens=10),
+                   SamplingParams(n=3, temperature=1.0, top_p=0.9, max_new_tokens=10, seed=7)):
+        got = {}
+        for once in (True, False):
+            engine.prefill_prompts_once = once
+            forwards.clear()
+            got[once] = [[c.token_ids for c in row] for row in engine.generate(prompts, params)]
+            first = forwards[0]
+            # prefilled once: 3 distinct rows of the prompt but its last token, then 9 rows of one token
+            assert first == ((3, ids.input_ids.shape[1] - 1) if once else (9, ids.input_ids.shape[1]))
+            if once:
+                assert forwards[1] == (9, 1)
+        assert got[True] == got[False]
+        assert len({tuple(t) for row in got[True] for t in row}) > 1  # non-trivial outputs

@@ -446,12 +446,12 @@ def test_training_forward_with_each_prompt_once_makes_the_same_update(monkeypatc
     norm and updated weights of full forwards (float32 rounding), over two optimizer steps of mini-batches
     (old log-probs scored separately) with groups split across micro-batches; the policy model then
     forwards far fewer tokens. The tiny model saves too little compute for the default threshold."""
-    import spark_core.trainer as trainer_module
+    import spark_core.prefix_scoring as prefix_scoring
 
     rows = pd.concat([rollouts(21, questions=3, k=4), rollouts(22, questions=2, k=1)], ignore_index=True)
     probe = Trainer(tiny_model(), CharTokenizer(), cfg(micro_batch_size=3), "cpu", total_steps=1)
     assert not probe._trains_prompts_once(probe._prepare(rows))  # 2 x ~0.1M params x 60 tokens < 1 GFLOP
-    monkeypatch.setattr(trainer_module, "MIN_SAVED_FLOPS", {"cpu": 0.0, "cuda": 0.0})
+    monkeypatch.setattr(prefix_scoring, "MIN_SAVED_FLOPS", {"cpu": 0.0, "cuda": 0.0})
     assert probe._trains_prompts_once(probe._prepare(rows))
     probe.cfg = cfg(micro_batch_size=1)
     assert not probe._trains_prompts_once(probe._prepare(rows))  # a micro-batch of one shares nothing

@@ -57,8 +57,9 @@ def vl_run(tmp_path_factory: pytest.TempPathFactory):
 
     mp = pytest.MonkeyPatch()
     mp.setattr(multimodal_batch, "multimodal_inputs", spy)
-    import spark_core.trainer as trainer_module
-    mp.setattr(trainer_module, "multimodal_inputs", spy)
+    import spark_core.batching as batching
+
+    mp.setattr(batching, "multimodal_inputs", spy)
     store = Store(cfg.store.uri)
     steps = Steps.direct()
     try:

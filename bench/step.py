@@ -26,8 +26,9 @@ forward = 2 x N_body x tokens through the layers + 2 x N_head x positions that r
 N_body = the parameters of the transformer layers (no embeddings) and N_head = vocab x hidden;
 backward = 2 x forward; so a training pass (forward + backward) = 3 x forward. Per phase:
 
-* sampling: every prompt token of every sequence (the engine prefills each of the K copies) and every
-  generated token through the layers; one head position per generated token;
+* sampling: the tokens the engine's forwards actually process (each distinct prompt prefilled once where
+  HFEngine shares the prefill, every copy otherwise, then one token per decode step and sequence, the
+  finished ones included); one head position per generated token;
 * reference (no grad): the tokens its forward actually processes (each shared prompt once plus the
   completions with the prompt KV cache; every prompt+completion token without it), head on completions;
 * training: the tokens its forward actually processes (each shared prompt once plus the completions
@@ -149,14 +150,14 @@ def param_counts(model: Any) -> tuple[int, int]:
 
 
 def step_flops(n_body: int, n_head: int, prompt_lens: list[int], comp_lens: list[int], ref_tokens: int | None,
-               train_tokens: int) -> dict[str, float]:
+               train_tokens: int, gen_tokens: int) -> dict[str, float]:
     """FLOPs of each phase of one step (see the module docstring for the formula)."""
     seq_tokens = sum(p + c for p, c in zip(prompt_lens, comp_lens))
     completions = sum(comp_lens)
     forward = 2 * n_body * train_tokens + 2 * n_head * (completions + len(comp_lens))
     ref_body = ref_tokens if ref_tokens is not None else seq_tokens
     return {
-        "generate": 2 * n_body * seq_tokens + 2 * n_head * completions,
+        "generate": 2 * n_body * gen_tokens + 2 * n_head * completions,
         "score ref (no grad)": 2 * n_body * ref_body + 2 * n_head * completions,
         "other": 3 * forward,
     }
@@ -191,16 +192,32 @@ def worker_ours(spec: dict[str, Any]) -> dict[str, Any]:
     fmt = formatter(tokenizer, cfg.data.use_chat_template)
 
     timer = PhaseTimer()
-    engine.generate = timer.wrap("generate", engine.generate)  # type: ignore[method-assign]
+    generate = timer.wrap("generate", engine.generate)
+
+    def counted_generate(*args: Any, **kwargs: Any) -> Any:
+        sampling[0] = True
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            sampling[0] = False
+
+    engine.generate = counted_generate  # type: ignore[method-assign]
 
     def score_phase(model: Any, *_: Any, **__: Any) -> str:
         return "score ref (no grad)" if model is trainer.ref_model else "score old (no grad)"
 
     trainer.train_prompts_once = not spec.get("train_full_forward", False)
     train_tokens: list[int] = []  # tokens through the policy's layers with gradients (the training forward)
-    model.register_forward_hook(
-        lambda m, a, kw, o: train_tokens.append(kw["input_ids"].numel()) if torch.is_grad_enabled() else None,
-        with_kwargs=True)
+    gen_tokens: list[int] = []  # tokens through the policy's layers while sampling (prefill + decode)
+    sampling = [False]
+
+    def count_tokens(m: Any, a: Any, kw: dict[str, Any], o: Any) -> None:
+        if sampling[0]:
+            gen_tokens.append(kw["input_ids"].numel())
+        elif torch.is_grad_enabled():
+            train_tokens.append(kw["input_ids"].numel())
+
+    model.register_forward_hook(count_tokens, with_kwargs=True)
     ref_tokens: list[int] = []  # tokens through the reference's layers, per step
     if ref is not None:
         ref.register_forward_hook(lambda m, a, kw, o: ref_tokens.append(kw["input_ids"].numel()), with_kwargs=True)
@@ -239,7 +256,8 @@ def worker_ours(spec: dict[str, Any]) -> dict[str, Any]:
         timer.close_step(elapsed)
         seqs = trainer._prepare(rows)
         flops.append(step_flops(n_body, n_head, [s_.prompt_len for s_ in seqs], [s_.num_tokens for s_ in seqs],
-                                sum(ref_tokens) if ref is not None else None, sum(train_tokens)))
+                                sum(ref_tokens) if ref is not None else None, sum(train_tokens), sum(gen_tokens)))
+        gen_tokens.clear()
         if ref is not None and s > 0:  # the reference pass both ways on these sequences, off the step clock
             ab: dict[str, float] = {}
             lps: dict[str, list[Any]] = {}

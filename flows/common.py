@@ -101,16 +101,30 @@ def _preflight(cfg: SparkConfig) -> None:
 
 @contextmanager
 def embedded_prefect() -> Iterator[bool]:
-    """Prefect settings for flows run in this process on Prefect's temporary API (no PREFECT_API_URL):
-    no flow-run heartbeats. Yields whether they applied (False when PREFECT_API_URL names a server).
+    """Prefect settings for flows run in this process on Prefect's temporary API (no PREFECT_API_URL).
+    Yields whether they applied (False when PREFECT_API_URL names a server, whose defaults stay).
 
-    A heartbeat lets a server notice a flow run whose process died; a temporary API dies with that
-    process, so nobody could notice, while every flow waits up to 1 s for its heartbeat thread on exit
-    (Prefect 3.9.1 `flow_engine._send_heartbeats`: an empty flow 1.1 s with it, 0.16 s without)."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    * No flow-run heartbeats. A heartbeat lets a server notice a flow run whose process died; a
+      temporary API dies with that process, so nobody could notice, while every flow waits up to 1 s
+      for its heartbeat thread on exit (Prefect 3.9.1 `flow_engine._send_heartbeats`: an empty flow
+      1.1 s with it, 0.16 s without).
+    * Task-run states written in batches (every 5 s) instead of one SQLite transaction per event. The
+      temporary server's task-run recorder otherwise writes all the time, and a request that reads and
+      then writes in one transaction (here `POST /task_runs/`, which starts each iteration subflow) fails
+      with "database is locked" whenever a write landed in between: the server answers 503 and the
+      client sleeps about 2 s before it retries (measured: 5 of 5 iterations of a tiny run stalled
+      1.7-2.5 s; none with batched writes). The temporary server serves no UI and nothing reads task runs
+      during the run; they are all in its database once it stops (its last flush), up to 5 s late."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE,
+        temporary_settings,
+    )
 
     if PREFECT_API_URL.value():
         yield False
         return
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+                                     PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE: 500}):
         yield True

@@ -256,17 +256,27 @@ def test_gpu_tasks_carry_the_concurrency_tag_only_when_asked(prefect_api: None, 
 
 
 def test_embedded_prefect_turns_heartbeats_off_only_without_a_server() -> None:
-    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE as RECORDER_BATCH,
+        get_current_settings,
+        temporary_settings,
+    )
 
     from flows.common import embedded_prefect
 
     with temporary_settings(updates={PREFECT_API_URL: None}):
         with embedded_prefect() as applied:
-            assert applied and PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() is None
+            assert applied and PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() is None and RECORDER_BATCH.value() == 500
+            # what the temporary server's process inherits (Prefect passes the set settings as env vars)
+            env = get_current_settings().to_environment_variables(exclude_unset=True)
+            assert env["PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE"] == "500"
         assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == 180  # Prefect's default again
+        assert RECORDER_BATCH.value() == 1
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
         with embedded_prefect() as applied:  # a real server: heartbeats detect crashed runs there
-            assert not applied and PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == 180
+            assert not applied and PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == 180 and RECORDER_BATCH.value() == 1
 
 
 def test_only_the_gpu_steps_get_the_tag() -> None:

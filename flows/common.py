@@ -99,6 +99,9 @@ def _preflight(cfg: SparkConfig) -> None:
             raise ConfigError(f"data.arithmetic (n_test={cfg.data.arithmetic.n_test}): {err}") from None
 
 
+EPHEMERAL_STARTUP_S = 120  # the least time given to Prefect's temporary server to start (see below)
+
+
 @contextmanager
 def embedded_prefect() -> Iterator[bool]:
     """Prefect settings for flows run in this process on Prefect's temporary API (no PREFECT_API_URL).
@@ -114,10 +117,15 @@ def embedded_prefect() -> Iterator[bool]:
       with "database is locked" whenever a write landed in between: the server answers 503 and the
       client sleeps about 2 s before it retries (measured: 5 of 5 iterations of a tiny run stalled
       1.7-2.5 s; none with batched writes). The temporary server serves no UI and nothing reads task runs
-      during the run; they are all in its database once it stops (its last flush), up to 5 s late."""
+      during the run; they are all in its database once it stops (its last flush), up to 5 s late.
+    * At least 120 s for the temporary server to start (Prefect's default is 20 s of polling). It takes
+      about 15 s on an idle 2-core machine (`bench/iteration.py`: "ephemeral API start"), and a loaded one
+      went past 20 s and failed the run with "Timed out while attempting to connect to ephemeral Prefect
+      API server" (2026-12-01, `bench/prefect_stalls.py` beside the test suite)."""
     from prefect.settings import (
         PREFECT_API_URL,
         PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
         PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE,
         temporary_settings,
     )
@@ -125,6 +133,8 @@ def embedded_prefect() -> Iterator[bool]:
     if PREFECT_API_URL.value():
         yield False
         return
+    startup_s = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), EPHEMERAL_STARTUP_S)
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
-                                     PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE: 500}):
+                                     PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE: 500,
+                                     PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: startup_s}):
         yield True

@@ -259,6 +259,7 @@ def test_embedded_prefect_turns_heartbeats_off_only_without_a_server() -> None:
     from prefect.settings import (
         PREFECT_API_URL,
         PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP_S,
         PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE as RECORDER_BATCH,
         get_current_settings,
         temporary_settings,
@@ -272,8 +273,11 @@ def test_embedded_prefect_turns_heartbeats_off_only_without_a_server() -> None:
             # what the temporary server's process inherits (Prefect passes the set settings as env vars)
             env = get_current_settings().to_environment_variables(exclude_unset=True)
             assert env["PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE"] == "500"
+            assert STARTUP_S.value() == 120  # Prefect's 20 s is not enough on a loaded machine
+        with temporary_settings(updates={STARTUP_S: 300}), embedded_prefect():
+            assert STARTUP_S.value() == 300  # a longer wait the user set is kept
         assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == 180  # Prefect's default again
-        assert RECORDER_BATCH.value() == 1
+        assert RECORDER_BATCH.value() == 1 and STARTUP_S.value() == 20
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
         with embedded_prefect() as applied:  # a real server: heartbeats detect crashed runs there
             assert not applied and PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == 180 and RECORDER_BATCH.value() == 1

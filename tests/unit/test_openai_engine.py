@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -39,7 +38,8 @@ class StandIn:
         self.honour_n = honour_n
         self.token_ids = token_ids
         self.fail_next: list[int] = []  # HTTP statuses to answer to the next requests
-        self.sleep_next: list[float] = []  # seconds to stall the next requests
+        self.sleep_next: list[float] = []  # seconds to stall the next requests (at most; see `release`)
+        self.release = threading.Event()  # set at teardown: a stalled handler thread ends then
         self.requests: list[dict[str, Any]] = []
         self.lock = threading.Lock()
 
@@ -80,7 +80,7 @@ def start_standin(state: StandIn) -> tuple[ThreadingHTTPServer, str]:
                 stall = state.sleep_next.pop(0) if state.sleep_next else 0.0
                 fail = state.fail_next.pop(0) if state.fail_next else None
             if stall:
-                time.sleep(stall)
+                state.release.wait(stall)
             if fail is not None:
                 self._send(fail, {"error": {"message": f"injected {fail}"}})
                 return True
@@ -115,6 +115,7 @@ def vllm_like() -> Iterator[tuple[StandIn, str]]:
     state = StandIn(honour_n=True, token_ids=True)
     server, url = start_standin(state)
     yield state, url
+    state.release.set()
     server.shutdown()
 
 
@@ -123,6 +124,7 @@ def llamacpp_like() -> Iterator[tuple[StandIn, str]]:
     state = StandIn(honour_n=False, token_ids=False)
     server, url = start_standin(state)
     yield state, url
+    state.release.set()
     server.shutdown()
 
 
@@ -198,9 +200,11 @@ def test_retries_on_server_errors_then_succeeds(vllm_like: tuple[StandIn, str]) 
 
 
 def test_retries_after_a_timeout(vllm_like: tuple[StandIn, str]) -> None:
+    """The first request stalls far past the client's timeout; the retry is answered at once. The
+    timeout leaves the retry seconds of slack on a loaded machine (a loopback answer takes ms)."""
     state, url = vllm_like
-    state.sleep_next = [1.5]
-    engine = OpenAIEngine(url, "m", timeout_s=0.5, backoff_s=0.01, max_retries=2)
+    state.sleep_next = [60.0]
+    engine = OpenAIEngine(url, "m", timeout_s=3.0, backoff_s=0.01, max_retries=2)
     assert len(engine.generate(["a"], PARAMS)[0]) == 3
     assert len(completions(state)) == 2
 

@@ -398,10 +398,22 @@ def test_a_lease_of_an_exited_local_process_is_taken_at_once(store: Store) -> No
 
 
 def test_heartbeat_keeps_a_live_lease(store: Store) -> None:
-    with store.run_lock("r", ttl_s=0.3):
-        time.sleep(0.8)  # longer than the ttl: only renewals keep it
-        with pytest.raises(RunLockedError):
-            store.run_lock("r", wait_s=0).acquire()
+    """The heartbeat moves the lease's expiry forward (every ttl/3) while the holder lives. Waited for,
+    not timed: a slow machine only makes the test wait longer (a fixed sleep past the ttl failed whenever
+    the heartbeat thread was descheduled for longer than the ttl)."""
+    path = Path(store.run_uri("r"), "_LOCK.json")
+    lock = store.run_lock("r", ttl_s=0.3).acquire()
+    try:
+        first = json.loads(path.read_text())
+        deadline = time.monotonic() + 120
+        while (now := json.loads(path.read_text()))["expires_at"] < first["expires_at"] + 0.3:
+            assert time.monotonic() < deadline, "the heartbeat never renewed the lease"
+            time.sleep(0.02)
+        assert now["owner"] == first["owner"] == lock.token and now["acquired_at"] == first["acquired_at"]
+        lock.check()  # still ours
+    finally:
+        lock.release()
+    assert not path.exists()
 
 
 def test_a_lost_lease_is_detected(store: Store) -> None:

@@ -204,18 +204,22 @@ def test_batch_validates_arguments() -> None:
 
 
 def test_adversarial_items_time_out_in_bounded_time() -> None:
+    """Items that would never finish time out; the ordinary ones beside them in the batch are still
+    checked. The per-item limit (5 s) is many times what the ordinary items need, so a loaded machine
+    cannot turn them into timeouts (with 1 s, a 1.5 MB answer could time out under load)."""
     completions = [TOWER, HUGE_EXPR, "x" * 1_500_000 + "\\boxed{7}", "\\boxed{x+1}", TOWER]
     golds = ["3", "3", "7", "1+x", "3"]
     start = time.monotonic()
-    results = verify_batch(completions, golds, timeout_s=1.0, processes=2)
+    results = verify_batch(completions, golds, timeout_s=5.0, processes=2)
     elapsed = time.monotonic() - start
     assert results[0] == VerifyResult(0.0, "9^{9^{9^{9}}}", "timeout")
     assert results[1].status in ("timeout", "error") and results[1].reward == 0.0
     assert results[2] == VerifyResult(1.0, "7", "ok")
     assert results[3] == VerifyResult(1.0, "x+1", "ok")
     assert results[4] == results[0]
-    # 2 slow items at <= 1.5 s each on 2 workers, plus worker start-up on a loaded 2-core machine.
-    assert elapsed < 30, elapsed
+    # Bounded, not fast: 3 slow items at about 5 s each on 2 workers plus worker start-up; without the
+    # limit the tower would never finish.
+    assert elapsed < 180, elapsed
 
 
 def test_stuck_worker_is_killed_and_replaced() -> None:
@@ -232,7 +236,7 @@ def test_stuck_worker_is_killed_and_replaced() -> None:
     results = verify_batch(["\\boxed{x+3}", "\\boxed{z+1}"], ["3+x", "1+z"], timeout_s=0.5, processes=2)
     elapsed = time.monotonic() - start
     assert [r.status for r in results] == ["timeout", "timeout"]
-    assert elapsed < 10, elapsed
+    assert elapsed < 60, elapsed  # bounded (stopped workers never answer), with room for a loaded machine
     assert not set(stuck) & set(pool.pids())
     # The next batch runs on fresh workers.
     assert verify_batch(["\\boxed{x+3}", "\\boxed{z+1}"], ["3+x", "1+z"], processes=2) == [

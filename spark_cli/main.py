@@ -32,7 +32,8 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from spark_core.config import ConfigError, SparkConfig, _deep_merge, load_config, parse_override  # noqa: E402
+from spark_core.config import ConfigError, SparkConfig, _deep_merge, load_config  # noqa: E402
+from spark_core.overrides import parse_override  # noqa: E402
 from spark_core.data_checks import DataError  # noqa: E402
 from spark_core.layout import CHECKPOINT, POLICY_CHECKPOINT, iter_name, split_address  # noqa: E402
 from spark_core.stages import StageError  # noqa: E402

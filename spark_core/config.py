@@ -589,18 +589,3 @@ def load_config(
     if overrides:
         data = _deep_merge(data, overrides)
     return build_config(data, origin)
-
-
-def parse_override(expr: str) -> dict[str, Any]:
-    """Turn `train.lr=1e-6` into {"train": {"lr": 1e-6}} (value parsed as YAML)."""
-    if "=" not in expr:
-        raise ConfigError(f"override {expr!r}: expected key.path=value")
-    key, raw = expr.split("=", 1)
-    value = yaml.safe_load(raw)
-    out: dict[str, Any] = {}
-    cur = out
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        cur = cur.setdefault(part, {})
-    cur[parts[-1]] = value
-    return out

@@ -17,6 +17,7 @@ import types
 import typing
 from typing import Annotated, Any, Optional, Union
 
+import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
 from .config import ConfigError, SparkConfig, _deep_merge
@@ -40,6 +41,14 @@ def expand_dotted(data: dict[str, Any]) -> dict[str, Any]:
         cur[parts[-1]] = expand_dotted(value) if isinstance(value, dict) else value
         out = _deep_merge(out, nested)
     return out
+
+
+def parse_override(expr: str) -> dict[str, Any]:
+    """The CLI's ``--set train.lr=1e-6`` as {"train": {"lr": 1e-6}} (the value parsed as YAML)."""
+    if "=" not in expr:
+        raise ConfigError(f"override {expr!r}: expected key.path=value")
+    key, raw = expr.split("=", 1)
+    return expand_dotted({key: yaml.safe_load(raw)})
 
 
 class _Overrides(BaseModel):

@@ -10,8 +10,8 @@ from spark_core.config import (
     SparkConfig,
     build_config,
     load_config,
-    parse_override,
 )
+from spark_core.overrides import parse_override
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -146,6 +146,22 @@ def task_runs(api: str, flow_run_id: str) -> list[dict[str, Any]]:
     return runs
 
 
+def settled_task_runs(api: str, flow_run_id: str, names: tuple[str, ...] = (),
+                      timeout_s: float = 120.0) -> list[dict[str, Any]]:
+    """The task runs of an ended flow run once the server shows every one of them ended (and `names`
+    among them). The server writes task runs from the client's events, after the flow run's own final
+    state: right after a flow run completes, its last task runs can still read RUNNING or be missing on
+    a busy machine. Returns what it has at the deadline; the caller's assertions then say what is off."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = task_runs(api, flow_run_id)
+        if all(t["state_type"] in TERMINAL for t in runs) and set(names) <= {t["name"] for t in runs}:
+            return runs
+        if time.monotonic() > deadline:
+            return runs
+        time.sleep(0.5)
+
+
 def hold(stack: Stack, run_id: str, iteration: int, stage: str, point: str) -> str:
     """Arm a hold of the worker's write of `stage` at `point`; returns the stage key to wait on."""
     key = f"runs/{run_id}/iter={iteration:04d}/{stage}"

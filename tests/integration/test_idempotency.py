@@ -16,7 +16,7 @@ from it_helpers import (
     ReferenceRun,
     create_flow_run,
     manifests,
-    task_runs,
+    settled_task_runs,
     wait_flow_run,
 )
 
@@ -50,7 +50,7 @@ def test_idempotency_key_and_concurrent_triggers(worker, prefect_api, deployed, 
     TIMINGS["concurrent triggers: both Completed"] = time.monotonic() - start
 
     suffix = f"-it{target}"
-    ran = [[t["name"] for t in task_runs(prefect_api, r["id"])] for r in (run_a, run_b)]
+    ran = [[t["name"] for t in settled_task_runs(prefect_api, r["id"])] for r in (run_a, run_b)]
     runners = [names for names in ran if any(n.endswith(suffix) for n in names)]
     assert len(runners) == 1, f"iteration {target} ran in {len(runners)} flow runs: {ran}"
     idle = ran[1] if runners[0] is ran[0] else ran[0]

@@ -25,7 +25,7 @@ from it_helpers import (
     manifests,
     run_root,
     stray_tmp_keys,
-    task_runs,
+    settled_task_runs,
     tiny_config,
     wait_flow_run,
     wait_held,
@@ -65,7 +65,8 @@ def test_iteration_survives_s3_restart_mid_checkpoint_upload(worker, prefect_api
     TIMINGS["S3 restart test: trigger -> Completed"] = time.monotonic() - start
     # The task that was uploading when S3 died finished only after the restart began: it rode out the
     # outage (and its Prefect task retry, if any, found its own checkpoint committed or redid it whole).
-    writers = [t for t in task_runs(prefect_api, run["id"]) if t["name"] in ("train-policy-it1", "train-reward-it1")]
+    settled = settled_task_runs(prefect_api, run["id"], names=("train-policy-it1",))
+    writers = [t for t in settled if t["name"] in ("train-policy-it1", "train-reward-it1")]
     last = max(writers, key=lambda t: t["end_time"] or "")
     assert all(t["state_type"] == "COMPLETED" for t in writers), [(t["name"], t["state_type"]) for t in writers]
     assert datetime.fromisoformat(last["end_time"].replace("Z", "+00:00")) > restart_at

@@ -29,7 +29,7 @@ import torch
 _LOGSOFTMAX_CHUNK = 64 * 1024 * 1024
 
 
-def _cache_name() -> str:
+def cache_keyword() -> str:
     """The model-forward keyword (and output field) of the KV cache: `cache` in recent transformers 5.x,
     `past_key_values` before (deprecated, removed in 5.40)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -172,7 +172,7 @@ def _group_logprobs(model: torch.nn.Module, batch: list[tuple[tuple[int, ...], l
     tail = torch.zeros((len(members), max(0, span - 1)), dtype=torch.float32, device=device)
     if span > 1:
         # Completion pass: every completion (right-padded) on its prompt's cache rows.
-        name = _cache_name()
+        name = cache_keyword()
         cache = getattr(first, name)
         cache.reorder_cache(rows.to(device))
         comp = torch.full((len(members), span), pad_id, dtype=torch.long)

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..prefix_scoring import _cache_name, worth_sharing
+from ..prefix_scoring import cache_keyword, worth_sharing
 from .base import Completion, SamplingParams
 
 
@@ -164,7 +164,7 @@ class HFEngine:
         extra: dict[str, Any] = {"tokenizer": self.tokenizer} if params.stop else {}
         extra.update(vision)
         if not vision and (cache := self._shared_prefill(enc["input_ids"], enc["attention_mask"])) is not None:
-            extra[_cache_name()] = cache
+            extra[cache_keyword()] = cache
         devices = [self.device] if self.device.type == "cuda" else []
         # Seed a forked RNG: the batch is reproducible and the caller's random state is left alone.
         with torch.random.fork_rng(devices=devices):
@@ -195,7 +195,9 @@ class HFEngine:
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         out = self.model(input_ids=prefix, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1)
-        cache = getattr(out, _cache_name())
+        cache = getattr(out, cache_keyword(), None)
+        if not hasattr(cache, "reorder_cache"):  # a model without a row-indexable KV cache: plain generate
+            return None
         cache.reorder_cache(rows)
         return cache
 

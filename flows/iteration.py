@@ -121,6 +121,9 @@ def spark_iteration(
         i = latest + 1
         st.cleanup_tmp(run_id)  # leftovers of a crashed writer; we hold the lock, nobody else writes
         run_iteration(cfg, st.uri, run_id, i, lock.check, steps)
+        # A write that failed while the store was unreachable (its task retried and committed) may have
+        # left its temporary upload behind: the iteration ends without debris.
+        st.cleanup_tmp(run_id, i)
     summary = iteration_summary(cfg, st, run_id, i)
     logger.info("run %s iteration %d: %s", run_id, i, summary)
     # After the lease is released, so the run this event may trigger finds the run free.

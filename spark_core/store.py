@@ -574,9 +574,11 @@ class Store(CheckpointIO):
             out[stage] = manifest.get("rows")
         return dict(sorted(out.items()))
 
-    def cleanup_tmp(self, run_id: str | None = None) -> int:
-        """Remove `_tmp-*` leftovers of crashed writers (call while holding the run lock)."""
-        base_uri = self.run_uri(run_id) if run_id else self.join(self.uri, RUNS)
+    def cleanup_tmp(self, run_id: str | None = None, iteration: int | None = None) -> int:
+        """Remove `_tmp-*` leftovers of crashed or failed writers (call while holding the run lock), in
+        the whole store, one run, or one iteration of a run."""
+        base_uri = (self.iter_uri(run_id, iteration) if run_id and iteration is not None
+                    else self.run_uri(run_id) if run_id else self.join(self.uri, RUNS))
         base = self._p(base_uri).rstrip("/")
         tmp_dirs: set[str] = set()
         for path in self._find(base_uri):

@@ -132,6 +132,10 @@ def test_cleanup_tmp_removes_only_temporary_keys(store: Store) -> None:
     other = Path(store.stage_uri("r", 2, "checkpoint"), "_tmp-b", "sub")
     other.mkdir(parents=True)
     (other / "w").write_bytes(b"x")
+    assert store.cleanup_tmp("r", 2) == 1  # one iteration only: iteration 1's leftover stays
+    assert [p.name for p in Path(store.run_uri("r")).rglob("_tmp-*")] == ["_tmp-a"]
+    other.mkdir(parents=True)
+    (other / "w").write_bytes(b"x")
     assert store.cleanup_tmp("r") == 2
     assert not list(Path(store.run_uri("r")).rglob("_tmp-*"))
     assert store.read_table(done).equals(table())

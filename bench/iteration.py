@@ -66,6 +66,8 @@ def category(name: str) -> str:
     """Column of the breakdown table for a timed component."""
     if name.startswith("stage:"):
         return "in-stage other"  # a stage's own code outside every timed call inside it
+    if name.startswith("publish:"):
+        return "prefect"  # parts of publish (their time is also publish's own time there)
     if name.startswith("task:"):
         return "prefect"  # a task call minus the stage it runs: Prefect's task engine
     return CATEGORY.get(name, "other")
@@ -174,6 +176,16 @@ def instrument(timers: Timers, flow_mode: bool) -> None:
         setattr(Store, name, timers.wrap("manifest/exists", getattr(Store, name)))
     Store.write_bytes = timers.wrap("write_bytes", Store.write_bytes)  # type: ignore[method-assign]
     if flow_mode:
+        import tasks.publish as tp
+        from spark_core import lineage
+        from spark_core.stages import report
+
+        # Inside publish: what each part costs (its artifacts, the asset declarations, the plot, reads).
+        for name in ("create_table_artifact", "create_markdown_artifact", "record_assets"):
+            setattr(tp, name, timers.wrap(f"publish:{name}", getattr(tp, name)))
+        report.metrics_rows = timers.wrap("publish:metrics_rows", report.metrics_rows)
+        report.write_plot = timers.wrap("publish:write_plot", report.write_plot)
+        lineage.iteration_lineage = timers.wrap("publish:iteration_lineage", lineage.iteration_lineage)
         import flows.iteration as fi
 
         fi.TASKS = fi.TASKS.wrapped(  # the steps spark_iteration runs

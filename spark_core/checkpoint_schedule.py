@@ -33,14 +33,15 @@ def kept_iterations(latest: int, keep_last: int | None, keep_every: int | None) 
     return kept
 
 
-def retired_checkpoints(cfg: SparkConfig, store: Store, run_id: str, latest: int) -> list[str]:
-    """The stored iteration checkpoints retention no longer keeps once `latest` is complete."""
+def retired_checkpoints(cfg: SparkConfig, store: Store, run_id: str, latest: int) -> list[tuple[int, str]]:
+    """The stored iteration checkpoints retention no longer keeps once `latest` is complete, as
+    (iteration, URI)."""
     kept = kept_iterations(latest, cfg.store.keep_last, cfg.store.keep_every)
     out = []
     for it in store.list_iterations(run_id):
         uri = store.stage_uri(run_id, it, CHECKPOINT)
         if it <= latest and it not in kept and store.is_done(uri):
-            out.append(uri)
+            out.append((it, uri))
     return out
 
 

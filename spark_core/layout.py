@@ -11,7 +11,8 @@ Under the store root::
     runs/{run_id}/iter=NNNN/{stage}/rl_step=SS/...  with steps_per_iteration > 1: one partition per RL step
     runs/{run_id}/iter=NNNN/checkpoint/        save_pretrained files + trainer_state/ + _SUCCESS.json
     runs/{run_id}/iter=NNNN/eval/benchmark={name}/...
-    runs/{run_id}/iter=NNNN/report/metrics.png
+    runs/{run_id}/iter=NNNN/report/metrics.png   plot of the run's metrics up to this iteration
+    runs/{run_id}/iter=NNNN/report/record.json   this iteration's summary and stages, as published
     runs/{run_id}/images/{sha256}.{ext}        question images, once each (vision-language runs)
 
 Stage names may be nested (``train/phase=policy``): the part after ``=`` is a hive partition, so
@@ -98,6 +99,9 @@ def step_stage(stage: str, step: int, steps: int) -> str:
         raise ValueError(f"step {step} is outside 1..{steps}")
     return stage if steps == 1 else f"{stage}/{step_name(step)}"
 REPORT_PLOT = "report/metrics.png"  # a plain object under iter=NNNN/, not a stage
+# The iteration's summary and stage row counts as its publish saw them (JSON, not a stage): later
+# publishes read it instead of every earlier iteration's manifests.
+REPORT_RECORD = "report/record.json"
 IMAGES = "images"  # a run's content-addressed question images (runs/{id}/images/), not a stage
 IMAGE_REF_RE = re.compile(r"^[0-9a-f]{64}\.[a-z]{2,5}$")
 

@@ -49,5 +49,7 @@ def metrics_plot(df: pd.DataFrame, path_or_buffer: str | Path | BinaryIO | Bytes
             ax.legend(fontsize=8)
             # Iterations are whole numbers: no 0.5 ticks.
             ax.xaxis.get_major_locator().set_params(integer=True)
-    fig.tight_layout()
+    # Fixed margins that fit these labels: tight_layout measured them by drawing the figure once more
+    # (0.23 vs 0.15 s per plot on a 2-core Xeon), and publish draws one per iteration.
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.12, top=0.92, wspace=0.15)
     fig.savefig(path_or_buffer, format="png")

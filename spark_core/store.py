@@ -458,16 +458,18 @@ class Store(CheckpointIO):
     # ------------------------------------------------------------------------------ small files
 
     def write_bytes(self, uri: str, data: bytes) -> None:
-        """Write one small object atomically (reports, plots)."""
+        """Write one small object atomically (reports, plots); `remove_bytes` removes it (if there)."""
         self._write_bytes(uri, data)
+
+    def remove_bytes(self, uri: str) -> None:
+        self._rm(uri)
 
     def exists(self, uri: str) -> bool:
         """Whether anything (an object or a folder/prefix) is at `uri`."""
         return self._exists(uri)
 
     def read_bytes(self, uri: str) -> bytes:
-        data = self._read_bytes(uri)
-        if data is None:
+        if (data := self._read_bytes(uri)) is None:
             raise StoreError(f"{uri} does not exist")
         return data
 
@@ -593,7 +595,6 @@ class Store(CheckpointIO):
 
     # ------------------------------------------------------------------------------------ lock
 
-    def run_lock(self, run_id: str, *, ttl_s: float = 600.0, wait_s: float = 0.0,
-                 poll_s: float = 2.0) -> "RunLock":
+    def run_lock(self, run_id: str, *, ttl_s: float = 600.0, wait_s: float = 0.0, poll_s: float = 2.0) -> "RunLock":
         """A lease on the run so two triggers never run the same iteration at once."""
         return RunLock(self, run_id, ttl_s=ttl_s, wait_s=wait_s, poll_s=poll_s)

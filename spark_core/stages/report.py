@@ -1,12 +1,20 @@
 """Reading a run back for people: per-iteration metrics, the metrics frame and plot, the first rows of a
 stage, the run index, and the markdown of the artifacts the publish task shows in Prefect
 (tasks/publish.py). The iteration's lineage is ``spark_core.lineage``.
+
+The metrics table, the plot and the run index cover every iteration so far. So that a publish costs the
+same at iteration 150 as at iteration 1 (on S3 each manifest is a request), each publish stores its
+iteration's *record* (summary + stages with row counts, ``report/record.json``) and later publishes read
+the records instead of every earlier iteration's manifests. A record is rebuilt from the manifests where
+it is missing: runs published before records existed, and iterations whose checkpoint retention deleted
+(``forget_record``).
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 from datetime import datetime
 from typing import Any
@@ -17,11 +25,11 @@ import pyarrow.parquet as pq
 
 from ..config import SparkConfig
 from ..layout import (
-    CHECKPOINT, REPORT_PLOT, REWARD_POOL, REWARD_VERIFIED, TRAIN_POLICY, TRAIN_REWARD, VERIFIED, eval_stage,
+    CHECKPOINT, REPORT_PLOT, REPORT_RECORD, REWARD_POOL, REWARD_VERIFIED, TRAIN_POLICY, TRAIN_REWARD, VERIFIED, eval_stage,
     duckdb_recipe, iter_name, step_stage,
 )
-from ..lineage import StageNode
-from ..store import Store
+from ..lineage import StageNode, iteration_lineage
+from ..store import Store, StoreError
 
 PREVIEW_ROWS = 5
 PREVIEW_WIDTH = 80  # characters per cell in a preview; longer text ends in an ellipsis
@@ -105,21 +113,84 @@ def _stage_seconds(manifests: list[dict[str, Any]]) -> float:
 
 def metrics_frame(cfg: SparkConfig, store: Store, run_id: str) -> pd.DataFrame:
     """Per (iteration, benchmark) eval metrics of a run, in the shape `plots.metrics_plot` draws."""
-    rows = []
-    for it in store.list_iterations(run_id):
+    return frame_of_rows(cfg, [iteration_summary(cfg, store, run_id, it) for it in store.list_iterations(run_id)])
+
+
+FRAME_COLUMNS = ["iteration", "benchmark", "accuracy", "accuracy_reflect", "judge_f1"]
+
+
+def frame_of_rows(cfg: SparkConfig, rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The metrics frame of iteration summaries: a row per (iteration, evaluated benchmark); accuracy is
+    the pairwise accuracy for a preference benchmark."""
+    out = []
+    for row in rows:
         for b in cfg.eval.benchmarks:
-            m = store.manifest_or_none(store.stage_uri(run_id, it, eval_stage(b.name)))
-            if m is None:
-                continue
-            metrics = m.get("metrics") or {}
-            rows.append({
-                "iteration": it,
-                "benchmark": b.name,
-                "accuracy": metrics.get("accuracy", metrics.get("pairwise_accuracy")),
-                "accuracy_reflect": metrics.get("accuracy_reflect"),
-                "judge_f1": metrics.get("judge_f1"),
-            })
-    return pd.DataFrame(rows, columns=["iteration", "benchmark", "accuracy", "accuracy_reflect", "judge_f1"])
+            if not any(k.startswith(f"{b.name}/") for k in row):
+                continue  # not evaluated at this iteration
+            get = lambda key: row.get(f"{b.name}/{key}")  # noqa: E731
+            accuracy = get("accuracy")
+            out.append({"iteration": row["iteration"], "benchmark": b.name,
+                        "accuracy": accuracy if accuracy is not None else get("pairwise_accuracy"),
+                        "accuracy_reflect": get("accuracy_reflect"), "judge_f1": get("judge_f1")})
+    return pd.DataFrame(out, columns=FRAME_COLUMNS)
+
+
+# --------------------------------------------------------------------------- per-iteration records
+
+RECORD_VERSION = 1  # a record of another version is rebuilt from the manifests
+
+
+def iteration_record(cfg: SparkConfig, store: Store, run_id: str, iteration: int,
+                     nodes: list[StageNode] | None = None) -> dict[str, Any]:
+    """What the run's reports need of one iteration, read from its manifests: its summary and its
+    complete stages as [stage, rows] in the order they ran (`nodes`: its lineage, if already read)."""
+    nodes = iteration_lineage(store, run_id, iteration) if nodes is None else nodes
+    stages = [[node.stage, node.rows] for node in nodes]
+    return {"version": RECORD_VERSION, "summary": iteration_summary(cfg, store, run_id, iteration),
+            "stages": stages}
+
+
+def record_uri(store: Store, run_id: str, iteration: int) -> str:
+    return store.join(store.iter_uri(run_id, iteration), *REPORT_RECORD.split("/"))
+
+
+def save_record(store: Store, run_id: str, iteration: int, record: dict[str, Any]) -> None:
+    store.write_bytes(record_uri(store, run_id, iteration), json.dumps(record, allow_nan=True).encode())
+
+
+def load_record(store: Store, run_id: str, iteration: int) -> dict[str, Any] | None:
+    """The stored record of an iteration, or None (missing, unreadable or of another version)."""
+    try:
+        record = json.loads(store.read_bytes(record_uri(store, run_id, iteration)))
+    except (StoreError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("version") == RECORD_VERSION else None
+
+
+def forget_record(store: Store, run_id: str, iteration: int) -> None:
+    """Drop an iteration's record after its stages changed (retention deleted its checkpoint)."""
+    store.remove_bytes(record_uri(store, run_id, iteration))
+
+
+def run_records(cfg: SparkConfig, store: Store, run_id: str, current: dict[str, Any], up_to: int
+                ) -> dict[int, dict[str, Any]]:
+    """Records of iterations 0..up_to: `current` (freshly built) for up_to, the stored ones for the
+    others. Where none is stored the record is rebuilt from the manifests and stored, so each is rebuilt
+    once. Call while holding the run's lease (it writes)."""
+    out: dict[int, dict[str, Any]] = {}
+    for it in store.list_iterations(run_id):
+        if it > up_to:
+            continue
+        if it == up_to:
+            out[it] = current
+            continue
+        record = load_record(store, run_id, it)
+        if record is None:
+            record = iteration_record(cfg, store, run_id, it)
+            save_record(store, run_id, it, record)
+        out[it] = record
+    out.setdefault(up_to, current)
+    return dict(sorted(out.items()))
 
 
 def _clean(value: Any) -> Any:
@@ -129,9 +200,9 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def metrics_rows(cfg: SparkConfig, store: Store, run_id: str, up_to: int) -> list[dict[str, Any]]:
-    """One row per iteration 0..up_to, all rows with the same columns."""
-    rows = [iteration_summary(cfg, store, run_id, it) for it in store.list_iterations(run_id) if it <= up_to]
+def metrics_rows(records: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per record (iteration), all rows with the same columns."""
+    rows = [dict(rec["summary"]) for _, rec in sorted(records.items())]
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
@@ -182,12 +253,15 @@ def summary_markdown(row: dict[str, Any], plot_uri: str, png: bytes) -> str:
     )
 
 
-def write_plot(cfg: SparkConfig, store: Store, run_id: str, iteration: int) -> tuple[str, bytes]:
-    """Draw the run's metrics so far and store the PNG under the iteration; return its URI and bytes."""
+def write_plot(cfg: SparkConfig, store: Store, run_id: str, iteration: int,
+               rows: list[dict[str, Any]] | None = None) -> tuple[str, bytes]:
+    """Draw the run's metrics so far (from `rows`, the iteration summaries, else read from the manifests),
+    store the PNG under the iteration; return its URI and bytes."""
     from ..plots import metrics_plot
 
+    frame = metrics_frame(cfg, store, run_id) if rows is None else frame_of_rows(cfg, rows)
     buf = io.BytesIO()
-    metrics_plot(metrics_frame(cfg, store, run_id), buf)
+    metrics_plot(frame, buf)
     png = buf.getvalue()
     plot_uri = store.join(store.iter_uri(run_id, iteration), *REPORT_PLOT.split("/"))
     store.write_bytes(plot_uri, png)
@@ -225,11 +299,12 @@ def stage_preview(store: Store, uri: str, rows: int = PREVIEW_ROWS, width: int =
 
 
 def run_index_markdown(run_id: str, run_uri: str, rows: list[dict[str, Any]],
-                       stages: dict[int, list[StageNode]], links: dict[str, str]) -> str:
+                       stages: dict[int, list[tuple[str, int | None]]], links: dict[str, str]) -> str:
     """The run index: one line per iteration with its folder, stages (row counts) and key metrics.
 
-    `rows` are `metrics_rows` (one per iteration), `stages` the lineage nodes per iteration, `links`
-    stage name -> URL of that stage's preview artifact (every iteration's version is listed there)."""
+    `rows` are `metrics_rows` (one per iteration), `stages` the (stage, rows) pairs per iteration (a
+    record's "stages"), `links` stage name -> URL of that stage's preview artifact (every iteration's
+    version is listed there)."""
     metric_cols = [c for c in ("policy_reward", "reward_phase_reward", "policy_loss") if any(c in r for r in rows)]
     metric_cols += sorted({c for r in rows for c in r if c.endswith("/accuracy")})
     head = ["iteration", "folder", "stages (rows)", *metric_cols, "seconds"]
@@ -244,9 +319,9 @@ def run_index_markdown(run_id: str, run_uri: str, rows: list[dict[str, Any]],
     for row in rows:
         it = int(row["iteration"])
         names = []
-        for node in stages.get(it, []):
-            name = f"[{node.stage}]({links[node.stage]})" if node.stage in links else node.stage
-            names.append(name if node.rows is None else f"{name} ({node.rows})")
+        for stage, count in stages.get(it, []):
+            name = f"[{stage}]({links[stage]})" if stage in links else stage
+            names.append(name if count is None else f"{name} ({count})")
         cells = [str(it), f"`{run_uri.rstrip('/')}/{iter_name(it)}/`", "<br>".join(names) or "-"]
         cells += ["" if row.get(c) is None else str(row[c]) for c in metric_cols]
         cells.append("" if row.get("seconds") is None else str(row["seconds"]))

@@ -11,6 +11,7 @@ from ..layout import CHECKPOINT, eval_stage
 from ..store import Store
 from .common import StageError, eval_due, manifest_extra, require_done, stage_summary
 from .lifecycle import Workspace, workspace
+from .report import forget_record
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +101,17 @@ def finish_iteration(cfg: SparkConfig, store: Store, run_id: str, iteration: int
         for b in cfg.eval.benchmarks:
             require_done(store, store.stage_uri(run_id, iteration, eval_stage(b.name)), f"evaluation {b.name}")
     if not cfg.store.keep_policy_checkpoints:  # the iteration's checkpoint holds everything they did
-        for where, uri in intermediate_checkpoints(cfg, store, run_id, iteration):
+        intermediate = intermediate_checkpoints(cfg, store, run_id, iteration)
+        for where, uri in intermediate:
             where.delete(uri)
+        if any(where is store for where, _ in intermediate):
+            forget_record(store, run_id, iteration)  # its published stage list named them
     latest = store.latest(run_id)
     if latest is None or iteration > latest:
         store.set_latest(run_id, iteration)
     retired = retired_checkpoints(cfg, store, run_id, max(iteration, latest or 0))
-    for uri in retired:
+    for it, uri in retired:
         store.delete(uri)
+        forget_record(store, run_id, it)  # the next publish rebuilds it without the checkpoint
     return {"iteration": iteration, "latest": max(iteration, latest or 0), "checkpoint": ckpt,
             "checkpoints_deleted": len(retired)}

@@ -155,7 +155,7 @@ def test_asset_specs_link_inputs_including_the_previous_checkpoint(store: Store)
 def test_run_index_lists_iterations_with_folders_links_and_metrics(store: Store) -> None:
     rows = [{"iteration": 0, "arithmetic/accuracy": 0.25, "seconds": 1.0},
             {"iteration": 1, "policy_reward": 0.5, "arithmetic/accuracy": 0.5, "seconds": 2.0}]
-    stages = {it: lineage.iteration_lineage(store, RUN, it) for it in (0, 1)}
+    stages = {it: [(n.stage, n.rows) for n in lineage.iteration_lineage(store, RUN, it)] for it in (0, 1)}
     links = {"samples": "http://ui/artifacts/key/spark-demo-samples"}
     md = report.run_index_markdown(RUN, store.run_uri(RUN), rows, stages, links)
     header = next(line for line in md.splitlines() if line.startswith("| iteration"))
@@ -182,3 +182,78 @@ def test_iteration_event_names_the_run_and_whether_to_continue(iteration: int, p
                              "metrics": {"iteration": iteration, "policy_reward": None,
                                          "arithmetic/accuracy": 0.5}}
     json.dumps(ev, allow_nan=False)
+
+
+# ------------------------------------------------------------------ per-iteration records (publish cost)
+
+def test_records_of_earlier_iterations_are_read_not_rebuilt(store: Store) -> None:
+    """A publish reads the earlier iterations' stored records: what they say is what the reports show,
+    whatever the manifests say now; a missing record is rebuilt from the manifests once and stored."""
+    from spark_core.config import SparkConfig
+
+    cfg = SparkConfig()
+    assert report.load_record(store, RUN, 0) is None
+    current = report.iteration_record(cfg, store, RUN, 1)
+    records = report.run_records(cfg, store, RUN, current, 1)
+    assert sorted(records) == [0, 1] and records[1] is current
+    rebuilt = report.load_record(store, RUN, 0)  # iteration 0 had none: rebuilt and stored
+    assert rebuilt is not None and rebuilt["stages"] == [["checkpoint", None]]
+    assert current["stages"] == [["samples", 4], ["verified", 1], ["train/phase=policy", 0]]
+
+    doctored = {**rebuilt, "summary": {**rebuilt["summary"], "marker": 7}}
+    report.save_record(store, RUN, 0, doctored)
+    rows = report.metrics_rows(report.run_records(cfg, store, RUN, current, 1))
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert rows[0]["marker"] == 7 and rows[1]["marker"] is None  # one set of columns for every row
+
+    report.save_record(store, RUN, 0, {**doctored, "version": report.RECORD_VERSION + 1})
+    assert report.load_record(store, RUN, 0) is None  # another version: rebuilt on the next publish
+    report.forget_record(store, RUN, 0)
+    assert not store.exists(report.record_uri(store, RUN, 0))
+    report.forget_record(store, RUN, 0)  # forgetting twice is fine
+
+
+def test_frame_of_rows_is_the_metrics_frame_of_the_manifests(tmp_path: Path) -> None:
+    from spark_core.config import SparkConfig
+    from spark_core.layout import eval_stage
+
+    cfg = SparkConfig()
+    name = cfg.eval.benchmarks[0].name
+    st = Store(str(tmp_path / "s"))
+    for it, acc in ((0, 0.25), (2, 0.5)):
+        st.write_table(st.stage_uri(RUN, it, eval_stage(name)), pa.table({"x": [1]}),
+                       {"metrics": {"accuracy": acc, "judge_f1": 0.1 * it}})
+    st.write_table(st.stage_uri(RUN, 1, "samples"), pa.table({"x": [1]}), {})
+    frame = report.metrics_frame(cfg, st, RUN)
+    rows = [report.iteration_summary(cfg, st, RUN, it) for it in (0, 1, 2)]
+    assert frame.equals(report.frame_of_rows(cfg, rows))
+    assert list(frame["iteration"]) == [0, 2] and list(frame["accuracy"]) == [0.25, 0.5]
+
+
+def test_artifact_requests_keep_their_order_context_and_errors() -> None:
+    import contextvars
+    import threading
+
+    from tasks.publish import _InOrder
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    var.set("caller")
+    seen: list[tuple[int, str, bool]] = []
+
+    def create(i: int) -> None:
+        seen.append((i, var.get(), threading.current_thread() is threading.main_thread()))
+
+    send = _InOrder()
+    for i in range(20):
+        send(create, i)
+    send.wait()
+    assert seen == [(i, "caller", False) for i in range(20)]
+
+    def fail() -> None:
+        raise RuntimeError("server said no")
+
+    send(fail)
+    send(create, 99)
+    with pytest.raises(RuntimeError, match="server said no"):
+        send.close()
+    assert seen[-1][0] == 99  # requests after a failed one still ran before close returned

@@ -43,8 +43,11 @@ def test_finish_iteration_retires_old_checkpoints_only(tmp_path: Path) -> None:
     cfg = SparkConfig(iterations=10)
     cfg.eval.every = 0
     cfg.store.keep_last, cfg.store.keep_every = 2, 3
+    from spark_core.stages import report
+
     for it in range(0, 8):
         _checkpoint(store, it)
+        report.save_record(store, RUN, it, report.iteration_record(cfg, store, RUN, it))  # as publish does
         out = finish_iteration(cfg, store, RUN, it)
         assert store.latest(RUN) == it
         kept = {i for i in range(it + 1) if store.is_done(store.stage_uri(RUN, i, layout.CHECKPOINT))}
@@ -52,6 +55,9 @@ def test_finish_iteration_retires_old_checkpoints_only(tmp_path: Path) -> None:
         assert 0 in kept and it in kept  # the KL reference and the resume point never go
     assert out["checkpoints_deleted"] == 1  # iteration 5 (not a multiple of 3) left the last two at 7
     assert {i for i in range(8) if store.is_done(store.stage_uri(RUN, i, layout.CHECKPOINT))} == {0, 3, 6, 7}
+    # The published records of the iterations that lost their checkpoint are dropped (the run index would
+    # still list it); the next publish rebuilds them from the manifests.
+    assert {i for i in range(8) if report.load_record(store, RUN, i) is not None} == {0, 3, 6, 7}
 
 
 def test_retention_off_deletes_nothing(tmp_path: Path) -> None:
@@ -72,8 +78,13 @@ def test_intermediate_checkpoints_are_dropped_once_the_iteration_is_complete(tmp
     inter.append(_checkpoint(store, 1, layout.step_stage(layout.STEP_CHECKPOINT, 1, 2)))
     assert sorted(u for _, u in intermediate_checkpoints(cfg, store, RUN, 1)) == sorted(inter)
     _checkpoint(store, 1)
+    from spark_core.stages import report
+
+    report.save_record(store, RUN, 1, report.iteration_record(cfg, store, RUN, 1))
+    assert len(report.load_record(store, RUN, 1)["stages"]) == 4
     finish_iteration(cfg, store, RUN, 1)
     assert not any(store.is_done(u) for u in inter) and store.is_done(store.stage_uri(RUN, 1, layout.CHECKPOINT))
+    assert report.load_record(store, RUN, 1) is None  # it listed the dropped checkpoints
 
 
 def test_step_stage_names() -> None:

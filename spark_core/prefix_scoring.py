@@ -13,7 +13,8 @@ summed over its completions, which is what K separate forwards would accumulate.
 
 Used by ``Trainer._score`` (reference log-probs, ``shared_prompt_logprobs``, no gradients) and by the
 training forward (``shared_prompt_logprobs_with_grad``) in a single process; under several ranks the
-trainer keeps its lockstep full forwards (a sharded model needs the same calls on every rank).
+trainer keeps its lockstep full forwards (a sharded model needs the same calls on every rank). Each
+user (reference, training forward, the hf engine's prefill) takes this path only where ``worth_sharing``.
 """
 
 from __future__ import annotations

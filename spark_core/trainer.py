@@ -243,10 +243,12 @@ class Trainer:
         try:
             prompts = [tuple(s.ids[: s.prompt_len]) for s in seqs]
             text_only = not any(s.vision for s in seqs)  # images: full forward (pixel values, M-RoPE)
+            saved_tokens = sum(len(p) for p in prompts) - sum(len(p) for p in set(prompts))
             if (model is self.ref_model and self.score_prompts_once and not self.dist.enabled and text_only
-                    and shares_prompts(prompts)):
-                # Each shared prompt once (one rank: no lockstep calls). Reference only: old log-probs stay
-                # bitwise those of a training forward, so a first step's ratio is 1.
+                    and shares_prompts(prompts) and worth_sharing(self._num_params, saved_tokens, self.device)):
+                # Each shared prompt once (one rank: no lockstep calls), where that saves more than the
+                # second forward call costs. Reference only: old log-probs stay bitwise those of a training
+                # forward, so a first step's ratio is 1.
                 return shared_prompt_logprobs(
                     model, [s.ids[: s.prompt_len] for s in seqs], [s.ids[s.prompt_len :] for s in seqs],
                     pad_id=self.pad_id, device=self.device, temperature=self.temperature, max_sequences=size,

@@ -376,9 +376,12 @@ def test_optimizer_state_names_round_trip():
         optimizer_state_to_indexed(named, trainer._param_names[1:])
 
 
-def test_each_shared_prompt_is_scored_once_with_the_same_kl():
+def test_each_shared_prompt_is_scored_once_with_the_same_kl(monkeypatch):
     """Reference log-probs from one prompt pass + a KV cache equal a full forward per sequence (float32
     rounding: |diff| <= 1e-5 per token), and so do the step's KL term and update (rel 1e-5)."""
+    from spark_core import prefix_scoring
+
+    monkeypatch.setattr(prefix_scoring, "MIN_SAVED_FLOPS", {"cpu": 0.0, "cuda": 0.0})  # the tiny model too
     rows = pd.concat([rollouts(11, questions=3, k=4), rollouts(12, questions=1, k=1)], ignore_index=True)
     results = {}
     for once in (True, False):
@@ -404,6 +407,21 @@ def test_each_shared_prompt_is_scored_once_with_the_same_kl():
     for k in w_once:
         torch.testing.assert_close(w_once[k], w_full[k], rtol=1e-5, atol=1e-7)
     assert tokens_once < 0.6 * tokens_full, (tokens_once, tokens_full)  # prompts went through once
+
+
+def test_a_model_too_small_to_gain_keeps_the_full_reference_forward():
+    """Below prefix_scoring.MIN_SAVED_FLOPS the extra prompt call costs more than it saves (the tiny model
+    on CPU): the reference then runs one full forward per micro-batch."""
+    rows = rollouts(11, questions=3, k=4)
+    trainer = Trainer(tiny_model(), CharTokenizer(), cfg(kl_coef=0.1, micro_batch_size=12), "cpu", total_steps=4,
+                      ref_model=tiny_model(seed=3))
+    assert trainer.score_prompts_once
+    calls: list[tuple[int, bool]] = []
+    hook = trainer.ref_model.register_forward_hook(
+        lambda m, a, kw, o: calls.append((kw["input_ids"].shape[0], bool(kw.get("use_cache")))), with_kwargs=True)
+    trainer._score(trainer.ref_model, trainer._prepare(rows))
+    hook.remove()
+    assert calls == [(12, False)]  # one forward of the 12 whole sequences: no prompt pass, no cache
 
 
 def test_scoring_prompts_once_handles_empty_and_one_token_completions():

@@ -12,6 +12,8 @@ Modes, each in a fresh process with a fresh store and the same config and seed:
 * ``flow-before``: ``flow`` as it was before issue 15 (main at 7347ca5), rebuilt here: every task tagged
   ``spark`` (GPU-bound ones also ``gpu``, no limit defined), the run guard doubled by a one-slot Prefect
   global concurrency limit, flow heartbeats on.
+* ``flow-publish-before``: ``flow`` with publish as before 2026-12-01 22:30 UTC (b728f34): artifacts
+  created one by one in the task's thread, every earlier iteration re-read, the plot's tight_layout.
 
 Iteration 0 (initial checkpoint and baseline evaluation) is created first, the same way in every mode,
 and is not timed; iterations 1..N are. Every interesting function is wrapped with a timer that records
@@ -244,6 +246,36 @@ def as_before_issue_15() -> None:
     fi.run_guard = old_guard
 
 
+def as_before_publish() -> None:
+    """Put back publish as it was before 2026-12-01 22:30 UTC, for the ``flow-publish-before`` mode: every
+    artifact created in the task's own thread, one after the other; the metrics table, plot and run index
+    rebuilt from every earlier iteration's manifests (no stored records); the plot laid out with
+    ``tight_layout`` (an extra draw)."""
+    from matplotlib.figure import Figure
+
+    import tasks.publish as tp
+    from spark_core.stages import report
+
+    class AtOnce:
+        def __call__(self, create: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+            create(*args, **kwargs)
+
+        def wait(self) -> None:
+            pass
+
+        def close(self, *, raise_errors: bool = True) -> None:
+            pass
+
+    def rebuilt(cfg: Any, store: Any, run_id: str, current: dict[str, Any], up_to: int) -> dict[int, Any]:
+        out = {it: report.iteration_record(cfg, store, run_id, it) for it in store.list_iterations(run_id)
+               if it < up_to}
+        return {**out, up_to: current}
+
+    tp._InOrder = AtOnce  # type: ignore[assignment,misc]
+    report.run_records = rebuilt
+    Figure.subplots_adjust = lambda self, *a, **k: self.tight_layout()  # type: ignore[method-assign]
+
+
 # ------------------------------------------------------------------------------------- worker
 
 
@@ -286,6 +318,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     if mode == "flow-before":
         as_before_issue_15()
+    if mode == "flow-publish-before":
+        as_before_publish()
     if mode == "flow-limit":
         import flows.iteration as fi
 

@@ -27,7 +27,7 @@ from prefect import flow, get_run_logger
 
 from spark_core.config import PresetName, SparkConfig
 from spark_core.overrides import ConfigMapping, ConfigOverrides
-from spark_core.stages import eval_due, iteration_summary
+from spark_core.stages import eval_due, published_summary
 
 from flows.common import resolve
 from flows.guard import DEFAULT_WAIT_S, run_guard
@@ -124,7 +124,7 @@ def spark_iteration(
         # A write that failed while the store was unreachable (its task retried and committed) may have
         # left its temporary upload behind: the iteration ends without debris.
         st.cleanup_tmp(run_id, i)
-    summary = iteration_summary(cfg, st, run_id, i)
+    summary = published_summary(cfg, st, run_id, i)  # one read instead of every manifest
     logger.info("run %s iteration %d: %s", run_id, i, summary)
     # After the lease is released, so the run this event may trigger finds the run free.
     emit_iteration_completed(run_id, st.uri, i, cfg.iterations, summary)

@@ -35,7 +35,7 @@ from __future__ import annotations
 from .common import StageError, eval_due, stage_seed
 from .evaluation import benchmark_config, evaluate, run_benchmark
 from .lifecycle import Workspace, workspace
-from .report import iteration_summary, metrics_frame
+from .report import iteration_summary, metrics_frame, published_summary
 from .replay import reward_phase_follows
 from .reward_pool import build_reward_data
 from .run import check_run_config, finish_iteration, init_run, run_config
@@ -46,6 +46,6 @@ from .verify import verify_policy, verify_reward
 __all__ = [
     "StageError", "Workspace", "benchmark_config", "build_reward_data", "check_run_config",
     "eval_due", "evaluate", "finish_iteration", "init_run", "iteration_summary", "metrics_frame",
-    "reward_phase_follows", "run_benchmark", "run_config", "sample_policy", "sample_reward", "stage_seed",
+    "published_summary", "reward_phase_follows", "run_benchmark", "run_config", "sample_policy", "sample_reward", "stage_seed",
     "train_policy", "train_reward", "verify_policy", "verify_reward", "workspace",
 ]

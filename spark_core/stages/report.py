@@ -172,6 +172,12 @@ def forget_record(store: Store, run_id: str, iteration: int) -> None:
     store.remove_bytes(record_uri(store, run_id, iteration))
 
 
+def published_summary(cfg: SparkConfig, store: Store, run_id: str, iteration: int) -> dict[str, Any]:
+    """The iteration's summary as its publish stored it, else read from the manifests."""
+    record = load_record(store, run_id, iteration)
+    return dict(record["summary"]) if record else iteration_summary(cfg, store, run_id, iteration)
+
+
 def run_records(cfg: SparkConfig, store: Store, run_id: str, current: dict[str, Any], up_to: int
                 ) -> dict[int, dict[str, Any]]:
     """Records of iterations 0..up_to: `current` (freshly built) for up_to, the stored ones for the

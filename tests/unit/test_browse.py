@@ -206,6 +206,8 @@ def test_records_of_earlier_iterations_are_read_not_rebuilt(store: Store) -> Non
     assert [r["iteration"] for r in rows] == [0, 1]
     assert rows[0]["marker"] == 7 and rows[1]["marker"] is None  # one set of columns for every row
 
+    assert report.published_summary(cfg, store, RUN, 0)["marker"] == 7  # the stored one
+    assert report.published_summary(cfg, store, RUN, 1) == report.iteration_summary(cfg, store, RUN, 1)  # none
     report.save_record(store, RUN, 0, {**doctored, "version": report.RECORD_VERSION + 1})
     assert report.load_record(store, RUN, 0) is None  # another version: rebuilt on the next publish
     report.forget_record(store, RUN, 0)

@@ -7,8 +7,10 @@ Contenders, alternated round by round (order reversed every other round) in one 
 * ``plain``: ``models.save_checkpoint`` + ``write_state`` into a plain folder; no store, no checksums:
   the floor (the bytes must be serialised and written once);
 * ``store, as before``: ``Store.checkpoint_writer`` as before issue 15's checkpoint work:
-  ``hash_workers`` = ``transfer_workers`` = 1 (one file hashed / uploaded / moved at a time) and the
-  trainer state written with torch's per-record CRC32;
+  ``hash_workers`` = ``transfer_workers`` = 1 (one file hashed / uploaded / moved at a time), the
+  trainer state written with torch's per-record CRC32, and on S3 the files uploaded under a temporary
+  key and then moved into place (a server-side copy; since 2026-12-01 22:30 UTC they go straight to
+  their final keys);
 * ``store``: ``Store.checkpoint_writer`` and ``write_state`` as they are now.
 
 Both store contenders run on a local store and, unless ``--no-s3``, on a SeaweedFS S3 server started
@@ -75,6 +77,22 @@ def build_checkpoint(preset: str) -> tuple[Callable[[Path], None], Any]:
     return save, cfg
 
 
+def upload_then_move(store: Any) -> Callable[..., list[str]]:
+    """A remote checkpoint upload as before: to a temporary key, then moved into place (copy + delete)."""
+    import uuid
+
+    from spark_core.layout import TMP_PREFIX
+
+    upload = type(store)._upload_folder
+
+    def run(local: Path, dest: str, hold_uri: str | None = None) -> list[str]:
+        tmp = store.join(dest, f"{TMP_PREFIX}{uuid.uuid4().hex}")
+        upload(store, local, tmp, hold_uri)
+        return store._move_into_place(tmp, dest)
+
+    return run
+
+
 def measure(preset: str, rounds: int, s3_uri: str | None) -> dict[str, Any]:
     from spark_core import checkpoint_io
     from spark_core.store import Store
@@ -109,6 +127,9 @@ def measure(preset: str, rounds: int, s3_uri: str | None) -> dict[str, Any]:
             store = stores[kind]
             store.hash_workers = workers or checkpoint_io.CheckpointIO.hash_workers
             store.transfer_workers = workers or checkpoint_io.CheckpointIO.transfer_workers
+            store.__dict__.pop("_upload_folder", None)
+            if workers == 1 and not store.is_local:
+                store._upload_folder = upload_then_move(store)  # type: ignore[method-assign]
             counter[0] += 1
             uri = store.stage_uri("bench", counter[0], "checkpoint")
             w0, r0 = proc_io()
@@ -181,8 +202,8 @@ def main() -> int:
              "bytes written/read: /proc/self/io wchar/rchar deltas (page cache included; S3 uploads "
              "go through sockets and read the staged files once, a second local copy would show as 2.0 "
              "written).",
-             "store = plain + sha256 of every file + rename into place (local) or upload + server-side "
-             "move (S3) + manifest."]
+             "store = plain + sha256 of every file + rename into place (local) or upload to the final keys "
+             "(S3; as before: to a temporary key, then a server-side move) + manifest."]
     print(common.report("Checkpoint write: the store vs a plain folder", info, [("", table)], notes))
     common.write_json(args.json, {"benchmark": "checkpoint_write", "machine": info, "results": results})
     return 0

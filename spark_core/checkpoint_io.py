@@ -1,13 +1,18 @@
 """Checkpoint folders in the store: atomic save, upload and cached download (a part of ``Store``).
 
-A checkpoint is a folder (an HF ``save_pretrained`` folder plus trainer state) written under a temporary
-key and moved into place before its ``_SUCCESS.json``, like a table; its manifest lists every file with
-size and checksum (``spark_core.integrity``). Remote checkpoints are downloaded once into a local cache
+A checkpoint is a folder (an HF ``save_pretrained`` folder plus trainer state); its ``_SUCCESS.json``,
+written last, lists every file with size and checksum (``spark_core.integrity``) and is what makes it
+exist. On a local store it is written under a temporary key and renamed into place, like a table. On a
+remote store the files go straight to their final keys: S3 has no rename (a move is a server-side copy
+of every byte, about 28% of a SeaweedFS write), and nothing reads a checkpoint's files except through
+its manifest (no hive glob covers checkpoints), so keys without a manifest are invisible; the next
+write of the same checkpoint removes them first (``Store._prepare``). Remote checkpoints are downloaded once into a local cache
 keyed by the manifest's write token, so a process never downloads the same write twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -56,15 +61,15 @@ class CheckpointIO:
         """Yield a local folder to save a checkpoint into; on success it becomes `uri`, atomically.
 
         Local store: the folder is the temporary key itself, renamed into place file by file (the
-        bytes are written once). Remote store: a temporary folder in the download cache, uploaded
-        (``transfer_workers`` files at once) when the block ends, then kept as the cached copy.
-        On error nothing becomes visible.
+        bytes are written once). Remote store: a temporary folder in the download cache, uploaded to the
+        final keys (``transfer_workers`` files at once) when the block ends, then kept as the cached
+        copy. On error nothing becomes visible, and what was uploaded is removed.
         """
         started = time.time()
         faults.hold_point(uri, "before_write")
         self._prepare(uri, overwrite)
-        tmp = self.join(uri, f"{TMP_PREFIX}{uuid.uuid4().hex}")
         if self.is_local:
+            tmp = self.join(uri, f"{TMP_PREFIX}{uuid.uuid4().hex}")
             folder = Path(self._p(tmp))
             folder.mkdir(parents=True)
             try:
@@ -90,11 +95,13 @@ class CheckpointIO:
                 yield folder
                 total = folder_bytes(folder)
                 parts = integrity.describe_folder(folder, self.hash_workers)
-                self._upload_folder(folder, tmp, hold_uri=uri)
-                files = self._move_into_place(tmp, uri)
+                files = self._upload_folder(folder, uri, hold_uri=uri)
             except BaseException as err:
                 shutil.rmtree(folder, ignore_errors=True)
-                self._rm(tmp)
+                # No manifest was written, so the keys uploaded so far are invisible; remove them, or (the
+                # store unreachable) leave them to the next write of this checkpoint, which removes them first.
+                with contextlib.suppress(StoreError):
+                    self._rm(uri)
                 if (full := integrity.no_space_error(uri, err, str(folder))) is not None:
                     raise full from None
                 raise
@@ -121,18 +128,20 @@ class CheckpointIO:
         key = hashlib.sha256(f"{uri}\n{manifest.get('token', '')}".encode()).hexdigest()[:20]
         return cache / key
 
-    def _upload_folder(self, local: Path, dest: str, hold_uri: str | None = None) -> None:
-        def upload(path: Path) -> None:
-            target = self.join(dest, path.relative_to(local).as_posix())
-            self._io(f"upload {target}", self.fs.put_file, str(path), self._p(target))
+    def _upload_folder(self, local: Path, dest: str, hold_uri: str | None = None) -> list[str]:
+        """Upload every file under `local` to the same relative path under `dest`; return those paths."""
+        def upload(rel: str) -> None:
+            target = self.join(dest, rel)
+            self._io(f"upload {target}", self.fs.put_file, str(local / rel), self._p(target))
 
-        files = sorted(p for p in local.rglob("*") if p.is_file())
+        files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
         if not files:
-            return
+            return []
         upload(files[0])
         if hold_uri is not None:
             faults.hold_point(hold_uri, "mid_write")  # one file uploaded, the rest not
         self._each(upload, files[1:])
+        return files
 
     def upload_checkpoint(
         self, local_dir: str | Path, uri: str, manifest_extra: dict[str, Any] | None = None,

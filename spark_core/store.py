@@ -7,8 +7,8 @@ from every error this module raises. Where each output lives is ``spark_core.lay
 run lease is ``spark_core.lock``.
 
 Visibility rule: a stage exists only once its ``_SUCCESS.json`` manifest does. Parts are first written
-under ``{stage}/_tmp-<uuid>/``, moved into place, and the manifest is written last; readers read exactly
-the files the manifest lists, so nobody sees half a table or half a checkpoint.
+under ``{stage}/_tmp-<uuid>/`` (a remote checkpoint's go straight to their keys: ``checkpoint_io``),
+moved into place, and the manifest is written last; readers read exactly the files it lists.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """(b) A worker killed (SIGKILL, with its flow-run processes) while an iteration trains: after a
 restart and a new trigger, finished stages are skipped (manifests unchanged byte for byte), the
 iteration completes, its tables equal those of an uninterrupted run with the same seed, and no
-temporary object is left behind.
+temporary or orphaned object is left behind.
 
 Deterministic: the iteration's one checkpoint upload is held (spark_core.faults) with one file uploaded
-under its temporary key and the rest not, and the worker is killed there. The after-policy weights were
+(to its final key: remote checkpoints skip the temporary key, the manifest makes them visible) and the
+rest not, and the worker is killed there. The after-policy weights were
 never written to the store (they stayed in the killed process): the resumed run replays the committed
 policy update from its stored rows (snapshot + replay) and must still match the uninterrupted run."""
 
@@ -33,7 +34,6 @@ from it_helpers import (
     read_stage,
     run_root,
     set_crashed,
-    stray_tmp_keys,
     wait_flow_run,
     worker_log_tail,
 )
@@ -91,7 +91,8 @@ def test_killed_iteration_resumes_from_the_store(worker, prefect_api, deployed, 
     assert last_update not in done_before
     for key in keys:  # the hold that did not fire must not stop the resumed run
         faults.disarm(fault_dir(stack), key, POINT)
-    assert stray_tmp_keys(s3, root), "the kill was meant to leave a half-uploaded checkpoint behind"
+    half = [k.rsplit("/", 1)[-1] for k in s3.find(f"{root}/iter=0001/checkpoint")]
+    assert half and "_SUCCESS.json" not in half, f"the kill was meant to leave a half-uploaded checkpoint: {half}"
     set_crashed(prefect_api, first["id"], "worker killed by the resume test")
     # The dead holder's run lease must run out soon (flows/guard.py reads SPARK_RUN_LEASE_TTL_S, which
     # the test worker sets), or the new trigger could only fail after LOCK_WAIT_S.
@@ -109,6 +110,11 @@ def test_killed_iteration_resumes_from_the_store(worker, prefect_api, deployed, 
 
     done_after = assert_resumed(s3, root, done_before)
     assert "iter=0001/checkpoint" in done_after
+    # The rewrite removed the killed upload's file first: the folder holds exactly what the manifest lists.
+    listed = json.loads(done_after["iter=0001/checkpoint"])["files"]
+    prefix = f"{root}/iter=0001/checkpoint/"
+    on_s3 = sorted(k.split(prefix, 1)[-1] for k in s3.find(prefix.rstrip("/")))
+    assert on_s3 == sorted([*listed, "_SUCCESS.json"]), on_s3
 
     # Same tables as the uninterrupted reference run (iterations 0 and 1).
     reference = {k for k in manifests(s3, reference_run.root) if k.startswith(("iter=0000/", "iter=0001/"))}

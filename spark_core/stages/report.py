@@ -125,8 +125,8 @@ def frame_of_rows(cfg: SparkConfig, rows: list[dict[str, Any]]) -> pd.DataFrame:
     out = []
     for row in rows:
         for b in cfg.eval.benchmarks:
-            if not any(k.startswith(f"{b.name}/") for k in row):
-                continue  # not evaluated at this iteration
+            if all(v is None for k, v in row.items() if k.startswith(f"{b.name}/")):
+                continue  # not evaluated at this iteration (metrics_rows gives every row every column)
             get = lambda key: row.get(f"{b.name}/{key}")  # noqa: E731
             accuracy = get("accuracy")
             out.append({"iteration": row["iteration"], "benchmark": b.name,

@@ -230,6 +230,10 @@ def test_frame_of_rows_is_the_metrics_frame_of_the_manifests(tmp_path: Path) -> 
     rows = [report.iteration_summary(cfg, st, RUN, it) for it in (0, 1, 2)]
     assert frame.equals(report.frame_of_rows(cfg, rows))
     assert list(frame["iteration"]) == [0, 2] and list(frame["accuracy"]) == [0.25, 0.5]
+    # As publish passes them: every row with every column (None where not evaluated), values rounded.
+    records = {it: {"summary": row} for it, row in enumerate(rows)}
+    published = report.frame_of_rows(cfg, report.metrics_rows(records))
+    assert list(published["iteration"]) == [0, 2] and list(published["accuracy"]) == [0.25, 0.5]
 
 
 def test_artifact_requests_keep_their_order_context_and_errors() -> None:

@@ -6,8 +6,9 @@ exist. On a local store it is written under a temporary key and renamed into pla
 remote store the files go straight to their final keys: S3 has no rename (a move is a server-side copy
 of every byte, about 28% of a SeaweedFS write), and nothing reads a checkpoint's files except through
 its manifest (no hive glob covers checkpoints), so keys without a manifest are invisible; the next
-write of the same checkpoint removes them first (``Store._prepare``). Remote checkpoints are downloaded once into a local cache
-keyed by the manifest's write token, so a process never downloads the same write twice.
+write of the same checkpoint removes them first (``Store._prepare``). Remote checkpoints are downloaded
+once into a local cache keyed by the manifest's write token, so a process never downloads the same
+write twice.
 """
 
 from __future__ import annotations

@@ -54,9 +54,10 @@ def worth_sharing(num_params: int, saved_tokens: int, device: torch.device) -> b
         "cpu" if device.type == "cpu" else "cuda"]
 
 
-def shares_prompts(prompts: Sequence[tuple[int, ...]]) -> bool:
-    """Whether some prompt occurs more than once (only then is a prompt pass saved)."""
-    return len(set(prompts)) < len(prompts)
+def repeated_prompt_tokens(prompts: Sequence[tuple[int, ...]]) -> int:
+    """Prompt tokens a forward per sequence computes again (0 when no prompt repeats): what running each
+    distinct prompt once saves, for ``worth_sharing``."""
+    return sum(len(p) for p in prompts) - sum(len(p) for p in set(prompts))
 
 
 def picked_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:

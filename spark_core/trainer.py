@@ -46,7 +46,9 @@ from .batching import (
 )
 from .grpo import group_advantages, grpo_loss
 from .multimodal_batch import multimodal_images
-from .prefix_scoring import shared_prompt_logprobs, shared_prompt_logprobs_with_grad, shares_prompts, worth_sharing
+from .prefix_scoring import (
+    repeated_prompt_tokens, shared_prompt_logprobs, shared_prompt_logprobs_with_grad, worth_sharing,
+)
 from .schemas import TRAIN
 from .trainer_state import (
     STATE_FILE, is_sharded, optimizer_state_to_indexed, optimizer_state_to_named, read_state, write_state,
@@ -243,9 +245,8 @@ class Trainer:
         try:
             prompts = [tuple(s.ids[: s.prompt_len]) for s in seqs]
             text_only = not any(s.vision for s in seqs)  # images: full forward (pixel values, M-RoPE)
-            saved_tokens = sum(len(p) for p in prompts) - sum(len(p) for p in set(prompts))
             if (model is self.ref_model and self.score_prompts_once and not self.dist.enabled and text_only
-                    and shares_prompts(prompts) and worth_sharing(self._num_params, saved_tokens, self.device)):
+                    and worth_sharing(self._num_params, repeated_prompt_tokens(prompts), self.device)):
                 # Each shared prompt once (one rank: no lockstep calls), where that saves more than the
                 # second forward call costs. Reference only: old log-probs stay bitwise those of a training
                 # forward, so a first step's ratio is 1.
@@ -412,8 +413,7 @@ class Trainer:
                 and not any(s.vision for s in batch)):
             return False
         prompts = [tuple(s.ids[: s.prompt_len]) for s in batch]
-        saved_tokens = sum(len(p) for p in prompts) - sum(len(p) for p in set(prompts))
-        return worth_sharing(self._num_params, saved_tokens, self.device)
+        return worth_sharing(self._num_params, repeated_prompt_tokens(prompts), self.device)
 
     def _shared_prompt_logp(self, micro: list[TrainSequence], b: MicroBatch) -> torch.Tensor:
         """``completion_logprobs`` of the micro-batch ``b`` (same [n, K] layout: completions end at the last

@@ -116,12 +116,11 @@ def metrics_frame(cfg: SparkConfig, store: Store, run_id: str) -> pd.DataFrame:
     return frame_of_rows(cfg, [iteration_summary(cfg, store, run_id, it) for it in store.list_iterations(run_id)])
 
 
-FRAME_COLUMNS = ["iteration", "benchmark", "accuracy", "accuracy_reflect", "judge_f1"]
-
-
 def frame_of_rows(cfg: SparkConfig, rows: list[dict[str, Any]]) -> pd.DataFrame:
     """The metrics frame of iteration summaries: a row per (iteration, evaluated benchmark); accuracy is
     the pairwise accuracy for a preference benchmark."""
+    from ..plots import METRICS_COLUMNS  # the plot's input; imported here (matplotlib) only when drawn
+
     out = []
     for row in rows:
         for b in cfg.eval.benchmarks:
@@ -132,7 +131,7 @@ def frame_of_rows(cfg: SparkConfig, rows: list[dict[str, Any]]) -> pd.DataFrame:
             out.append({"iteration": row["iteration"], "benchmark": b.name,
                         "accuracy": accuracy if accuracy is not None else get("pairwise_accuracy"),
                         "accuracy_reflect": get("accuracy_reflect"), "judge_f1": get("judge_f1")})
-    return pd.DataFrame(out, columns=FRAME_COLUMNS)
+    return pd.DataFrame(out, columns=list(METRICS_COLUMNS))
 
 
 # --------------------------------------------------------------------------- per-iteration records
@@ -184,19 +183,14 @@ def run_records(cfg: SparkConfig, store: Store, run_id: str, current: dict[str, 
     others. Where none is stored the record is rebuilt from the manifests and stored, so each is rebuilt
     once. Call while holding the run's lease (it writes)."""
     out: dict[int, dict[str, Any]] = {}
-    for it in store.list_iterations(run_id):
-        if it > up_to:
-            continue
-        if it == up_to:
-            out[it] = current
-            continue
+    for it in (i for i in store.list_iterations(run_id) if i < up_to):
         record = load_record(store, run_id, it)
         if record is None:
             record = iteration_record(cfg, store, run_id, it)
             save_record(store, run_id, it, record)
         out[it] = record
-    out.setdefault(up_to, current)
-    return dict(sorted(out.items()))
+    out[up_to] = current
+    return out
 
 
 def _clean(value: Any) -> Any:
@@ -260,14 +254,13 @@ def summary_markdown(row: dict[str, Any], plot_uri: str, png: bytes) -> str:
 
 
 def write_plot(cfg: SparkConfig, store: Store, run_id: str, iteration: int,
-               rows: list[dict[str, Any]] | None = None) -> tuple[str, bytes]:
-    """Draw the run's metrics so far (from `rows`, the iteration summaries, else read from the manifests),
-    store the PNG under the iteration; return its URI and bytes."""
+               rows: list[dict[str, Any]]) -> tuple[str, bytes]:
+    """Draw the run's metrics so far (`rows`: the iteration summaries, as `metrics_rows` gives them), store
+    the PNG under the iteration; return its URI and bytes."""
     from ..plots import metrics_plot
 
-    frame = metrics_frame(cfg, store, run_id) if rows is None else frame_of_rows(cfg, rows)
     buf = io.BytesIO()
-    metrics_plot(frame, buf)
+    metrics_plot(frame_of_rows(cfg, rows), buf)
     png = buf.getvalue()
     plot_uri = store.join(store.iter_uri(run_id, iteration), *REPORT_PLOT.split("/"))
     store.write_bytes(plot_uri, png)
